@@ -1,0 +1,387 @@
+"""ADIOS: the losses, the sparsity penalty and the two players' objectives.
+
+Shi, Siddharth, Torr, Kosiorek, "Adversarial Masking for Self-Supervised Learning", ICML 2022.
+The inference model f_θ (encoder + heads) minimises Σ_n L_ssl(f(x_a), f(x_b ⊙ (1 − m_n))); the
+occlusion model M_φ (masker.py) maximises the same sum minus α times a sparsity penalty. The two
+take alternating steps on the same batch (Sec. 2.3; ADIOS_SPEC.md §1). README: "Reading guide".
+
+This file takes its encoder and masker as arguments; it imports only the head builders of encoders.py.
+"""
+import contextlib
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from encoders import byol_mlp, simclr_projector, simsiam_predictor, simsiam_projector
+
+METHODS = ("simclr", "byol", "simsiam")
+
+
+# ---- collectives -----------------------------------------------------------------------------
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward is correct: (B, D) on each rank → (W·B, D).
+
+    Every rank's loss uses every rank's embeddings, so the gradient for this rank's slice is the
+    SUM over ranks of the gradients each loss sends it: backward all-reduces, then takes the slice.
+    (The released code's gather returns only the local gradient and loses the cross-rank terms;
+    torch.distributed.all_gather alone has no gradient at all.) Needs equal B on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)                               # (W·B, D)
+
+    @staticmethod
+    def backward(ctx, grad):                                  # grad: (W·B, D)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        B = grad.shape[0] // dist.get_world_size()
+        r = dist.get_rank()
+        return grad[r * B:(r + 1) * B]                        # (B, D)
+
+
+def distributed_world():
+    """(rank, world size) of the default process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---- the base methods' losses (ADIOS_SPEC.md §4) ---------------------------------------------
+
+def simclr_loss(z1, z2, temperature=0.2, gather=True):
+    """NT-Xent (SimCLR, Chen et al. 2020, Eq. 1): mean over the 2B anchors of this rank.
+
+    z1, z2: (B, D) embeddings of two views; row i of z1 and row i of z2 are the positive pair.
+    gather=True (the default) uses every rank's embeddings as negatives through GatherWithGrad, so
+    K processes with batch B each compute the loss of one process with batch K·B (the released code
+    used the local batch only); with one process it changes nothing.
+    """
+    dtype = torch.promote_types(z1.dtype, torch.float32)     # logits in at least float32
+    z1, z2 = F.normalize(z1.to(dtype), dim=1), F.normalize(z2.to(dtype), dim=1)
+    B = z1.shape[0]
+    rank, world = distributed_world() if gather else (0, 1)
+    all1, all2 = (GatherWithGrad.apply(z1), GatherWithGrad.apply(z2)) if world > 1 else (z1, z2)
+    anchors = torch.cat([z1, z2])                             # (2B, D)
+    candidates = torch.cat([all1, all2])                      # (2WB, D)
+    logits = anchors @ candidates.T / temperature             # (2B, 2WB)
+    mine = torch.arange(B, device=z1.device) + rank * B       # this rank's rows within all1/all2
+    self_idx = torch.cat([mine, mine + world * B])            # (2B,) each anchor's own column
+    pos_idx = torch.cat([mine + world * B, mine])             # (2B,) the other view of the same image
+    is_self = F.one_hot(self_idx, logits.shape[1]).bool()
+    logits = logits.masked_fill(is_self, float("-inf"))       # an embedding is not its own negative
+    return F.cross_entropy(logits, pos_idx)
+
+
+def byol_loss(p, z):
+    """BYOL (Grill et al. 2020, Eq. 2): 2 − 2·cos(p, sg(z)), mean over the batch. p, z: (B, D)."""
+    return 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1).mean()   # z.detach(): the stop-gradient
+
+
+def simsiam_loss(p, z):
+    """SimSiam (Chen & He 2021, Eq. 1): −cos(p, sg(z)), mean over the batch. p, z: (B, D)."""
+    return -F.cosine_similarity(p, z.detach(), dim=-1).mean()          # z.detach(): the stop-gradient
+
+
+def symmetric_simsiam(p1, z2, p2, z1):
+    """½ D(p1, z2) + ½ D(p2, z1): one symmetrised SimSiam term."""
+    return (simsiam_loss(p1, z2) + simsiam_loss(p2, z1)) / 2
+
+
+# ---- masks -------------------------------------------------------------------------------------
+
+def sparsity_penalty(masks):
+    """ADIOS Eq. (3), Sec. 2.3: P = Σ_n mean_b 1 / (sin(π · a_bn) + 1e-10), a_bn = area of slot n.
+
+    masks: (B, N, H, W) soft masks. Returns a scalar in at least float32 (computed outside autocast),
+    ≥ 1 per slot, smallest when a slot covers half the image, huge when it is empty or covers all.
+    sin(π·a) is evaluated as sin(π·min(a, 1 − a)), equal in exact arithmetic: it keeps the argument
+    in [0, π/2], where sin is never negative (float32's π exceeds π, so sin(π·1.0) < 0 would flip
+    the penalty's sign for a slot that covers everything).
+    """
+    dtype = torch.promote_types(masks.dtype, torch.float32)   # half → float32; float64 stays
+    with torch.autocast(masks.device.type, enabled=False):
+        area = masks.to(dtype).mean(dim=(2, 3)).clamp(0, 1)   # (B, N)
+        half_turn = torch.minimum(area, 1 - area)
+        return (1 / (torch.sin(math.pi * half_turn) + 1e-10)).mean(dim=0).sum()
+
+
+def occlude(x, hide):
+    """The masked view x ⊙ (1 − m) (ADIOS Eq. 1): x (B, 3, H, W) normalised, hide (B, 1, H, W).
+
+    Hidden pixels become 0, the dataset's mean colour after normalisation. hide=None: no mask.
+    """
+    return x if hide is None else x * (1 - hide)
+
+
+def slots_to_hide(masks, single_mask):
+    """The masks the SSL loss is summed over: a list of (B, 1, H, W), or [None] without a masker.
+
+    ADIOS: all N slots. ADIOS-s (Sec. 3.3): one slot per image, drawn uniformly at random afresh
+    on every call, so the SSL loss is computed once instead of N times.
+    """
+    if masks is None:
+        return [None]
+    B, N = masks.shape[:2]
+    if single_mask:
+        pick = torch.randint(N, (B,), device=masks.device)  # (B,)
+        return [masks[torch.arange(B, device=masks.device), pick].unsqueeze(1)]
+    return [masks[:, n:n + 1] for n in range(N)]
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """No parameter of `module` requires grad inside the block; the flags are restored after."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def byol_tau(step, total_steps, tau_base=0.99, tau_final=1.0):
+    """BYOL's EMA rate: τ rises from tau_base to tau_final on a cosine over all steps (BYOL Sec. 3.2)."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    return tau_final - (tau_final - tau_base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+class InferenceModel(nn.Module):
+    """f_θ: backbone → projector (→ predictor), plus the online linear probe on detached features.
+
+    forward(x) returns (h, z, p, logits): features (B, feat_dim), projection (B, out), prediction
+    (B, out) or None, and the probe's logits (B, classes) when classify=True, else None.
+    One module, so that train.py can give it a single DistributedDataParallel wrapper.
+    """
+
+    def __init__(self, encoder, projector, predictor=None, classifier=None):
+        super().__init__()
+        self.encoder, self.projector, self.predictor, self.classifier = encoder, projector, predictor, classifier
+
+    def forward(self, x, classify=False):
+        h = self.encoder(x)                                   # (B, feat_dim)
+        z = self.projector(h)                                 # (B, out)
+        p = self.predictor(z) if self.predictor is not None else None
+        # The probe sees detached features: it learns from the encoder, never changes it (spec §4).
+        logits = self.classifier(h.detach()) if classify else None
+        return h, z, p, logits
+
+
+class ADIOS(nn.Module):
+    """The two players and their objectives.
+
+    encoder:      backbone (B, 3, H, W) → (B, feat_dim), e.g. from encoders.build_encoder.
+    masker:       M_φ (masker.Masker) or None for the plain base method (N = 0).
+    method:       "simclr", "byol" or "simsiam" (the base SSL method, Sec. 3).
+    alpha:        α, weight of the sparsity penalty in the masker's objective.
+    temperature:  T of SimCLR's NT-Xent.
+    single_mask:  ADIOS-s: one random slot per image instead of all N.
+    head sizes:   proj_hidden_dim, proj_output_dim, pred_hidden_dim.
+    num_classes:  size of the online linear probe (0: none); trained inside encoder_loss.
+    simsiam_*:    SimSiam's optional terms (ADIOS_SPEC.md §4), each a symmetrised pair added to the
+                  per-slot mean: p(clean) vs z(masked); the unmasked pair; masked p vs masked z.
+    gather_negatives: SimCLR negatives from every rank (see simclr_loss).
+    """
+
+    def __init__(self, encoder, feat_dim, masker=None, method="simclr", alpha=1.0, temperature=0.2,
+                 single_mask=False, proj_hidden_dim=2048, proj_output_dim=256, pred_hidden_dim=None,
+                 num_classes=0, simsiam_masked_targets=False, simsiam_unmasked=False,
+                 simsiam_both_masked=False, gather_negatives=True):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        self.method, self.alpha, self.temperature = method, alpha, temperature
+        self.single_mask, self.gather_negatives = single_mask, gather_negatives
+        self.simsiam_terms = dict(masked_targets=simsiam_masked_targets, unmasked=simsiam_unmasked,
+                                  both_masked=simsiam_both_masked)
+        out = proj_output_dim
+        if method == "simclr":
+            projector, predictor = simclr_projector(feat_dim, proj_hidden_dim, out), None
+        elif method == "byol":
+            projector = byol_mlp(feat_dim, proj_hidden_dim, out)
+            predictor = byol_mlp(out, pred_hidden_dim or proj_hidden_dim, out)
+        else:
+            projector = simsiam_projector(feat_dim, proj_hidden_dim, out)
+            predictor = simsiam_predictor(out, pred_hidden_dim or 512)
+        classifier = nn.Linear(feat_dim, num_classes) if num_classes else None
+        self.net = InferenceModel(encoder, projector, predictor, classifier)     # f_θ
+        self.masker = masker                                                     # M_φ
+        # BYOL's target network: an EMA of encoder + projector, never trained by gradients.
+        self.target = None
+        if method == "byol":
+            self.target = InferenceModel(copy.deepcopy(encoder), copy.deepcopy(projector))
+            self.target.requires_grad_(False)
+        # What the objectives call: the modules themselves, or their DDP wrappers once
+        # `distribute` has run. A plain dict keeps the wrappers out of state_dict().
+        self.__dict__["players"] = {"net": self.net, "masker": self.masker}
+
+    # The names users and checkpoints rely on.
+    encoder = property(lambda self: self.net.encoder)
+    projector = property(lambda self: self.net.projector)
+    predictor = property(lambda self: self.net.predictor)
+    classifier = property(lambda self: self.net.classifier)
+    num_masks = property(lambda self: 0 if self.masker is None else self.masker.num_masks)
+
+    def distribute(self, device_ids=None):
+        """Give f_θ and M_φ each their own DistributedDataParallel wrapper (call under torchrun).
+
+        The encoder step differentiates through the wrapped f_θ only (masks under no_grad); the
+        masker step through the wrapped M_φ only (f_θ frozen and called unwrapped), so each
+        wrapper sees all its parameters used in every backward.
+        """
+        ddp = lambda m: nn.parallel.DistributedDataParallel(m, device_ids=device_ids, broadcast_buffers=False)
+        self.players["net"] = ddp(self.net)
+        if self.masker is not None:
+            self.players["masker"] = ddp(self.masker)
+        if self.target is not None:                           # start every rank's target from rank 0's
+            for t in self.target.state_dict().values():
+                dist.broadcast(t, 0)
+
+    @torch.no_grad()
+    def momentum_update(self, tau):
+        """BYOL's EMA: target ← τ·target + (1 − τ)·online, for encoder and projector weights."""
+        online = list(self.net.encoder.parameters()) + list(self.net.projector.parameters())
+        for t, o in zip(self.target.parameters(), online):
+            t.lerp_(o, 1 - tau)                               # t + (1 − τ)(o − t)
+
+    # ---- pieces shared by the two objectives ----
+
+    def masks_for(self, x_a, x_b, masker):
+        """(masks of view a or None, masks of view b or None), each (B, N, H, W).
+
+        SimCLR and BYOL mask view b only; SimSiam masks both views, each from its own image
+        (one masker call on the stacked views: GroupNorm and the MLP treat images independently).
+        """
+        if masker is None:
+            return None, None
+        if self.method != "simsiam":
+            return None, masker(x_b)
+        m_a, m_b = masker(torch.cat([x_a, x_b])).chunk(2)    # (2B, N, H, W) → 2 × (B, N, H, W)
+        return m_a, m_b
+
+    def encode_clean(self, net, x_a, x_b, labels=None):
+        """What does not depend on the masks, encoded once per step (not once per slot as released).
+
+        Returns a dict of the clean views' outputs the slot losses need, and the probe's logits.
+        """
+        h_a, z_a, p_a, logits = net(x_a, classify=labels is not None and self.classifier is not None)
+        clean = {"z_a": z_a, "p_a": p_a, "logits": logits}
+        if self.method == "byol":
+            with torch.no_grad():                             # target branch: no gradient, ever
+                clean["t_a"] = self.target(x_a)[1]
+        if self.method == "simsiam":
+            _, clean["z_b"], clean["p_b"], _ = net(x_b)
+        return clean
+
+    def slot_loss(self, net, clean, x_a, x_b, hide_a, hide_b):
+        """L_ssl for one slot: the clean outputs against the freshly encoded masked view(s)."""
+        if self.method == "simclr":
+            z_b = net(occlude(x_b, hide_b))[1]
+            return simclr_loss(clean["z_a"], z_b, self.temperature, self.gather_negatives)
+        if self.method == "byol":
+            view_b = occlude(x_b, hide_b)                     # through both branches (spec §4)
+            p_b = net(view_b)[2]
+            with torch.no_grad():                             # target branch: no gradient, ever
+                t_b = self.target(view_b)[1]
+            return byol_loss(clean["p_a"], t_b) + byol_loss(p_b, clean["t_a"])
+        # SimSiam: both views masked. Without masks the "masked" outputs are the clean ones.
+        if hide_a is None:
+            z1m, p1m, z2m, p2m = clean["z_a"], clean["p_a"], clean["z_b"], clean["p_b"]
+        else:
+            _, z1m, p1m, _ = net(occlude(x_a, hide_a))
+            _, z2m, p2m, _ = net(occlude(x_b, hide_b))
+        c, use = clean, self.simsiam_terms
+        terms = [symmetric_simsiam(p1m, c["z_b"], p2m, c["z_a"])]          # always
+        if use["masked_targets"]:
+            terms.append(symmetric_simsiam(c["p_a"], z2m, c["p_b"], z1m))
+        if use["unmasked"]:
+            terms.append(symmetric_simsiam(c["p_a"], c["z_b"], c["p_b"], c["z_a"]))
+        if use["both_masked"]:
+            terms.append(symmetric_simsiam(p1m, z2m, p2m, z1m))
+        return sum(terms) / len(terms)
+
+    def ssl_sum(self, net, clean, x_a, x_b, m_a, m_b):
+        """Σ_n L_ssl over the slots (a sum, not a mean: ADIOS Eq. 2; the released lrs assume it)."""
+        hides_b = slots_to_hide(m_b, self.single_mask)
+        hides_a = slots_to_hide(m_a, self.single_mask) if m_a is not None else [None] * len(hides_b)
+        return sum(self.slot_loss(net, clean, x_a, x_b, ha, hb) for ha, hb in zip(hides_a, hides_b))
+
+    def penalty(self, m_a, m_b):
+        """Sparsity penalty over every mask this step uses (both views' for SimSiam); 0 without."""
+        return sum(sparsity_penalty(m) for m in (m_a, m_b) if m is not None)
+
+    def stats(self, ssl, penalty, m_a, m_b, extra=()):
+        """Floats for the log, read from the device in one copy: the SSL sum, the penalty, and per
+        slot n the mean mask area over the batch (area_n) with its min and max (area_n_min/max)."""
+        names, values = ["ssl_loss", "penalty"], [ssl.detach().float(), torch.as_tensor(penalty).float()]
+        masks = [m for m in (m_a, m_b) if m is not None]
+        if masks:
+            area = torch.cat(masks).detach().float().mean(dim=(2, 3))       # (B or 2B, N)
+            for n in range(area.shape[1]):
+                names += [f"area_{n}", f"area_{n}_min", f"area_{n}_max"]
+                values += [area[:, n].mean(), area[:, n].min(), area[:, n].max()]
+        for name, value in extra:
+            names.append(name)
+            values.append(value.detach().float())
+        values = torch.stack([v.to(values[0].device) for v in values]).tolist()
+        return dict(zip(names, values))
+
+    # ---- the two objectives (Sec. 2.3) ----
+
+    def encoder_loss(self, x_a, x_b, labels=None):
+        """The inference model's loss Σ_n L_ssl(f(x_a), f(x_b ⊙ (1 − m_n))), masks held constant.
+
+        x_a, x_b: (B, 3, H, W) two augmented views. labels: (B,) class ids, −1 for unlabelled, or
+        None; with labels and a probe, the probe's cross-entropy is added (it only reaches the
+        probe). Returns (loss, stats). Gradients reach f_θ only.
+        """
+        net, masker = self.players["net"], self.players["masker"]
+        with torch.no_grad():                                 # the masks are constants for θ
+            m_a, m_b = self.masks_for(x_a, x_b, masker)
+        clean = self.encode_clean(net, x_a, x_b, labels)
+        ssl = self.ssl_sum(net, clean, x_a, x_b, m_a, m_b)
+        loss, extra = ssl, []
+        if clean["logits"] is not None:
+            ce, acc = probe_loss(clean["logits"], labels)
+            loss, extra = ssl + ce, [("online_ce", ce), ("online_acc", acc)]
+        with torch.no_grad():
+            penalty = self.penalty(m_a, m_b)
+        return loss, self.stats(ssl, penalty, m_a, m_b, extra)
+
+    def masker_loss(self, x_a, x_b):
+        """The occlusion model's loss −Σ_n L_ssl + α·P (it maximises the SSL loss, Eq. 2–3).
+
+        f_θ is frozen for the whole step: the gradient passes through it to the masks and stops
+        there. The clean view does not depend on the masks: encoded once, without gradient.
+        Returns (loss, stats).
+        """
+        if self.masker is None:
+            raise RuntimeError("masker_loss needs a masker: with masker=None (N = 0) there is no mask step")
+        with frozen(self.net):
+            with torch.no_grad():
+                clean = self.encode_clean(self.net, x_a, x_b)
+            m_a, m_b = self.masks_for(x_a, x_b, self.players["masker"])
+            ssl = self.ssl_sum(self.net, clean, x_a, x_b, m_a, m_b)
+        penalty = self.penalty(m_a, m_b)
+        loss = -ssl + self.alpha * penalty
+        return loss, self.stats(ssl, penalty, m_a, m_b)
+
+
+def probe_loss(logits, labels):
+    """Cross-entropy and accuracy of the online probe over labelled images (label −1 is skipped),
+    computed without a host sync even when a batch has no labelled image."""
+    labelled = labels >= 0
+    count = labelled.sum().clamp(min=1)
+    ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    acc = (logits.argmax(dim=1) == labels) & labelled
+    return (ce * labelled).sum() / count, acc.sum() / count
