@@ -136,6 +136,105 @@ def slots_to_hide(masks, single_mask):
     return [masks[:, n:n + 1] for n in range(N)]
 
 
+
+# ---- per-slot BatchNorm statistics for batched slots ------------------------------------------
+
+class SlotBatchNormMixin:
+    """BatchNorm that can treat its batch as `slots` equal parts, each normalised with its own
+    batch statistics: exactly what `slots` separate forward calls in train mode compute.
+
+    The paper's loop encodes each masked view separately, so BatchNorm sees per-slot statistics;
+    stacking the slots into one batch is faster but would mix them. With slots == 1, or in eval
+    mode, this is the plain BatchNorm. State-dict keys are BatchNorm's (torchvision loads them).
+    """
+    slots = 1
+
+    def forward(self, x):
+        if self.slots == 1 or not self.training:
+            return super().forward(x)
+        return slot_batch_norm(self, x, self.slots)
+
+
+class SlotBatchNorm1d(SlotBatchNormMixin, nn.BatchNorm1d):
+    pass
+
+
+class SlotBatchNorm2d(SlotBatchNormMixin, nn.BatchNorm2d):
+    pass
+
+
+def slot_batch_norm(bn, x, slots):
+    """Train-mode BatchNorm of x (S·B, C, ...) with statistics per slot s over (B, ...)."""
+    C = x.shape[1]
+    dtype = torch.promote_types(x.dtype, torch.float32)                       # statistics in ≥ float32
+    xs = x.view(slots, x.shape[0] // slots, *x.shape[1:]).to(dtype)          # (S, B, C, ...)
+    dims = [1] + list(range(3, xs.dim()))                                     # batch and spatial dims
+    var, mean = torch.var_mean(xs, dim=dims, unbiased=False, keepdim=True)   # (S, 1, C, 1...)
+    scale = torch.rsqrt(var + bn.eps)
+    shape = [1, 1, C] + [1] * (xs.dim() - 3)
+    if bn.affine:
+        scale = scale * bn.weight.view(shape)
+    y = (xs - mean) * scale
+    if bn.affine:
+        y = y + bn.bias.view(shape)
+    if bn.track_running_stats:
+        update_running_stats(bn, mean.view(slots, C), var.view(slots, C), xs[0].numel() // C)
+    return y.to(x.dtype).view(x.shape)
+
+
+@torch.no_grad()
+def update_running_stats(bn, means, variances, count):
+    """Running averages as after S train-mode calls, one per slot in order; means, variances (S, C).
+
+    S exponential-average steps r ← (1 − m)·r + m·v_s in closed form:
+    r_S = (1 − m)^S · r_0 + Σ_s m·(1 − m)^(S−1−s) · v_s.
+    Written through `.data`, as BatchNorm's own kernel does, without bumping the autograd version
+    of buffers an earlier train-mode call may have saved (train-mode backward never reads them).
+    """
+    S = means.shape[0]
+    running_mean, running_var = bn.running_mean.data, bn.running_var.data
+    variances = variances * count / max(count - 1, 1)                        # unbiased, as BatchNorm
+    if bn.momentum is None:                                                   # cumulative average
+        for mean, var in zip(means, variances):
+            bn.num_batches_tracked += 1
+            running_mean.lerp_(mean, 1.0 / bn.num_batches_tracked.item())
+            running_var.lerp_(var, 1.0 / bn.num_batches_tracked.item())
+        return
+    m = bn.momentum
+    weights = m * (1 - m) ** torch.arange(S - 1, -1, -1, device=means.device, dtype=means.dtype)  # (S,)
+    running_mean.mul_((1 - m) ** S).add_((weights[:, None] * means).sum(0))
+    running_var.mul_((1 - m) ** S).add_((weights[:, None] * variances).sum(0))
+    bn.num_batches_tracked += S
+
+
+def convert_to_slot_batchnorm(module):
+    """Replace every BatchNorm1d/2d in module by its Slot version, keeping parameters and buffers."""
+    for name, child in module.named_children():
+        kind = {nn.BatchNorm1d: SlotBatchNorm1d, nn.BatchNorm2d: SlotBatchNorm2d}.get(type(child))
+        if kind is None:
+            convert_to_slot_batchnorm(child)
+            continue
+        new = kind(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+        ref = child.running_mean if child.running_mean is not None else child.weight   # dtype and device
+        if ref is not None:
+            new.to(ref.device, ref.dtype)
+        new.load_state_dict(child.state_dict())
+        setattr(module, name, new)
+    return module
+
+
+@contextlib.contextmanager
+def slot_statistics(module, slots):
+    """Inside the block, every SlotBatchNorm in module treats its batch as `slots` parts."""
+    layers = [m for m in module.modules() if isinstance(m, SlotBatchNormMixin)]
+    for m in layers:
+        m.slots = slots
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.slots = 1
+
 @contextlib.contextmanager
 def frozen(module):
     """No parameter of `module` requires grad inside the block; the flags are restored after."""
@@ -191,17 +290,20 @@ class ADIOS(nn.Module):
     simsiam_*:    SimSiam's optional terms (ADIOS_SPEC.md §4), each a symmetrised pair added to the
                   per-slot mean: p(clean) vs z(masked); the unmasked pair; masked p vs masked z.
     gather_negatives: SimCLR negatives from every rank (see simclr_loss).
+    batch_slots:  encode the N masked views as one batch, with per-slot BatchNorm statistics (the
+                  same gradients as one call per slot, checked in test_adios.py; faster). Converts
+                  the BatchNorm layers of encoder and heads to SlotBatchNorm (same state_dict).
     """
 
     def __init__(self, encoder, feat_dim, masker=None, method="simclr", alpha=1.0, temperature=0.2,
                  single_mask=False, proj_hidden_dim=2048, proj_output_dim=256, pred_hidden_dim=None,
                  num_classes=0, simsiam_masked_targets=False, simsiam_unmasked=False,
-                 simsiam_both_masked=False, gather_negatives=True):
+                 simsiam_both_masked=False, gather_negatives=True, batch_slots=True):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         self.method, self.alpha, self.temperature = method, alpha, temperature
-        self.single_mask, self.gather_negatives = single_mask, gather_negatives
+        self.single_mask, self.gather_negatives, self.batch_slots = single_mask, gather_negatives, batch_slots
         self.simsiam_terms = dict(masked_targets=simsiam_masked_targets, unmasked=simsiam_unmasked,
                                   both_masked=simsiam_both_masked)
         out = proj_output_dim
@@ -215,6 +317,8 @@ class ADIOS(nn.Module):
             predictor = simsiam_predictor(out, pred_hidden_dim or 512)
         classifier = nn.Linear(feat_dim, num_classes) if num_classes else None
         self.net = InferenceModel(encoder, projector, predictor, classifier)     # f_θ
+        if batch_slots:
+            convert_to_slot_batchnorm(self.net)
         self.masker = masker                                                     # M_φ
         # BYOL's target network: an EMA of encoder + projector, never trained by gradients.
         self.target = None
@@ -241,8 +345,8 @@ class ADIOS(nn.Module):
         """
         ddp = lambda m: nn.parallel.DistributedDataParallel(m, device_ids=device_ids, broadcast_buffers=False)
         self.players["net"] = ddp(self.net)
-        if self.masker is not None:
-            self.players["masker"] = ddp(self.masker)
+        if self.masker is not None and any(p.requires_grad for p in self.masker.parameters()):
+            self.players["masker"] = ddp(self.masker)         # fixed (random/block) maskers need none
         if self.target is not None:                           # start every rank's target from rank 0's
             for t in self.target.state_dict().values():
                 dist.broadcast(t, 0)
@@ -283,25 +387,47 @@ class ADIOS(nn.Module):
             _, clean["z_b"], clean["p_b"], _ = net(x_b)
         return clean
 
-    def slot_loss(self, net, clean, x_a, x_b, hide_a, hide_b):
-        """L_ssl for one slot: the clean outputs against the freshly encoded masked view(s)."""
+    def encode_masked(self, net, x_a, x_b, hides_a, hides_b):
+        """Outputs of every slot's masked view(s): a list with one dict per slot.
+
+        SimCLR/BYOL mask view b (z_b, p_b; BYOL also the target's t_b); SimSiam both views (z_am,
+        p_am, z_bm, p_bm). With batch_slots the S·B masked images go through f_θ as one batch whose
+        BatchNorm layers normalise each slot with its own statistics (SlotBatchNorm), which is the
+        per-slot loop's arithmetic in one call; without, one call per slot.
+        """
+        views = [occlude(x_b, h) for h in hides_b]
+        if self.method == "simsiam":
+            if hides_a[0] is None:                            # no masks: the "masked" views are the clean ones
+                return [{}]
+            views += [occlude(x_a, h) for h in hides_a]
+        outs = self.run_views(net, views)                     # per view: (h, z, p, _)
+        S = len(hides_b)
         if self.method == "simclr":
-            z_b = net(occlude(x_b, hide_b))[1]
-            return simclr_loss(clean["z_a"], z_b, self.temperature, self.gather_negatives)
+            return [dict(z_b=o[1]) for o in outs]
         if self.method == "byol":
-            view_b = occlude(x_b, hide_b)                     # through both branches (spec §4)
-            p_b = net(view_b)[2]
             with torch.no_grad():                             # target branch: no gradient, ever
-                t_b = self.target(view_b)[1]
-            return byol_loss(clean["p_a"], t_b) + byol_loss(p_b, clean["t_a"])
-        # SimSiam: both views masked. Without masks the "masked" outputs are the clean ones.
-        if hide_a is None:
-            z1m, p1m, z2m, p2m = clean["z_a"], clean["p_a"], clean["z_b"], clean["p_b"]
-        else:
-            _, z1m, p1m, _ = net(occlude(x_a, hide_a))
-            _, z2m, p2m, _ = net(occlude(x_b, hide_b))
+                targets = self.run_views(self.target, views)
+            return [dict(p_b=o[2], t_b=t[1]) for o, t in zip(outs, targets)]
+        return [dict(z_bm=b[1], p_bm=b[2], z_am=a[1], p_am=a[2]) for b, a in zip(outs[:S], outs[S:])]
+
+    def run_views(self, net, views):
+        """net on each (B, 3, H, W) view: one call per view, or one call on all of them stacked."""
+        if not self.batch_slots or len(views) == 1:
+            return [net(v) for v in views]
+        with slot_statistics(getattr(net, "module", net), len(views)):      # the module inside a DDP wrapper
+            out = net(torch.cat(views))                       # (S·B, 3, H, W) → outputs of S·B rows
+        return list(zip(*[t.chunk(len(views)) if t is not None else [None] * len(views) for t in out]))
+
+    def slot_loss(self, clean, masked):
+        """L_ssl for one slot, from the clean outputs and that slot's masked outputs."""
+        if self.method == "simclr":
+            return simclr_loss(clean["z_a"], masked["z_b"], self.temperature, self.gather_negatives)
+        if self.method == "byol":                             # the masked view through both branches
+            return byol_loss(clean["p_a"], masked["t_b"]) + byol_loss(masked["p_b"], clean["t_a"])
         c, use = clean, self.simsiam_terms
-        terms = [symmetric_simsiam(p1m, c["z_b"], p2m, c["z_a"])]          # always
+        z1m, p1m = masked.get("z_am", c["z_a"]), masked.get("p_am", c["p_a"])
+        z2m, p2m = masked.get("z_bm", c["z_b"]), masked.get("p_bm", c["p_b"])
+        terms = [symmetric_simsiam(p1m, c["z_b"], p2m, c["z_a"])]          # always: masked p vs clean z
         if use["masked_targets"]:
             terms.append(symmetric_simsiam(c["p_a"], z2m, c["p_b"], z1m))
         if use["unmasked"]:
@@ -314,7 +440,7 @@ class ADIOS(nn.Module):
         """Σ_n L_ssl over the slots (a sum, not a mean: ADIOS Eq. 2; the released lrs assume it)."""
         hides_b = slots_to_hide(m_b, self.single_mask)
         hides_a = slots_to_hide(m_a, self.single_mask) if m_a is not None else [None] * len(hides_b)
-        return sum(self.slot_loss(net, clean, x_a, x_b, ha, hb) for ha, hb in zip(hides_a, hides_b))
+        return sum(self.slot_loss(clean, masked) for masked in self.encode_masked(net, x_a, x_b, hides_a, hides_b))
 
     def penalty(self, m_a, m_b):
         """Sparsity penalty over every mask this step uses (both views' for SimSiam); 0 without."""

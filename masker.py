@@ -103,3 +103,104 @@ def check_masker_args(num_masks, img_size, base_channels, norm, num_blocks):
     if norm == "gn" and base_channels % 8:
         raise ValueError(f"mask base_channels {base_channels} cannot be split into GroupNorm's 8 "
                          "groups: use a multiple of 8 (8, 16, 32, 64, 128) or norm 'in'/'none'")
+
+
+# ---- mask-scheme baselines (ADIOS Sec. 4; ADIOS_SPEC.md §8) ----------------------------------
+# Drop-in replacements for the learned masker in ADIOS's masker slot: forward(x) returns ONE slot
+# to hide, (B, 1, H, W), float 0/1 with 1 = hidden, so `occlude` computes x·(1 − m). They have no
+# parameters and are never trained (there is no mask step), and they look at x only for its
+# shape, dtype and device. Each image draws its own mask from the global RNG of x's device
+# (or `generator`).
+
+def paper_patch_size(img_size):
+    """The paper's 16-px patches at 224 px scaled to the image: 2 px at 32 px, 7 px at 96 px."""
+    return max(1, round(img_size * 16 / 224))
+
+
+class RandomPatchMasker(nn.Module):
+    """MAE-like random patches (He et al. 2022): hide `ratio` of the cells of a patch grid.
+
+    The grid has ceil(H / patch) × ceil(W / patch) cells and each image hides exactly
+    round(ratio · cells) of them. Where patch does not divide the image (96 px with 7-px patches:
+    a 14 × 14 grid), the last row and column of cells are cropped (5 px wide), so the hidden pixel
+    fraction is ratio up to those smaller cells. At 32 px: 2-px patches, 16 × 16 grid, 192 hidden.
+    """
+
+    num_masks = 1
+
+    def __init__(self, img_size, ratio=0.75, patch=None):
+        super().__init__()
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        self.img_size, self.ratio = img_size, ratio
+        self.patch = paper_patch_size(img_size) if patch is None else patch
+
+    @torch.no_grad()
+    def forward(self, x, generator=None):                     # x: (B, C, H, W), only its shape is used
+        B, _, H, W = x.shape
+        p = self.patch
+        gh, gw = -(-H // p), -(-W // p)                       # ceil: cells per column / row
+        hidden = round(self.ratio * gh * gw)
+        noise = torch.rand(B, gh * gw, device=x.device, generator=generator)      # (B, cells)
+        cells = torch.zeros(B, gh * gw, device=x.device)
+        cells.scatter_(1, noise.topk(hidden, dim=1).indices, 1.0)                 # `hidden` random cells = 1
+        cells = cells.view(B, 1, gh, gw)
+        pixels = cells.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)   # (B, 1, gh·p, gw·p)
+        return pixels[:, :, :H, :W].to(mask_dtype(x))        # (B, 1, H, W)
+
+
+class BlockMasker(nn.Module):
+    """BEiT-like random blocks (Bao et al. 2022): add rectangles until `ratio` of the image is hidden.
+
+    Rectangle area is drawn uniformly in [min_area, max(min_area, what is still missing)], so each
+    addition is capped to land near the target (as BEiT caps its blocks) and the loop stops at the
+    first rectangle that reaches it: every image hides at least ceil(ratio · H · W) pixels and at most
+    a few pixels more (one min_area block, or the rounding of h and w). Aspect ratio h/w is
+    log-uniform in `aspect`; h and w are clipped to the image. min_area = 64 px at 224 px scaled by
+    (img_size / 224)², at least 4 px (a 2 × 2 block): 4 px at 32 px, 12 px at 96 px.
+    The loop runs over rectangles, for all unfinished images of the batch at once (each image draws
+    its own rectangle); an image that reaches its target leaves the loop. ~10 ms for 256 images at
+    32 px on one CPU thread.
+    """
+
+    num_masks = 1
+
+    def __init__(self, img_size, ratio=0.3, min_area=None, aspect=(0.3, 1 / 0.3)):
+        super().__init__()
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        self.img_size, self.ratio = img_size, ratio
+        self.min_area = max(4, round(64 * (img_size / 224) ** 2)) if min_area is None else min_area
+        self.log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+
+    @torch.no_grad()
+    def forward(self, x, generator=None):                     # x: (B, C, H, W), only its shape is used
+        B, _, H, W = x.shape
+        dev = x.device
+        rows = torch.arange(H, device=dev).view(1, H, 1)      # (1, H, 1)
+        cols = torch.arange(W, device=dev).view(1, 1, W)      # (1, 1, W)
+        hidden = torch.zeros(B, H, W, device=dev)             # 1 = hidden
+        target = math.ceil(self.ratio * H * W)
+        missing = torch.full((B,), float(target), device=dev)
+        todo = torch.arange(B, device=dev)                    # images still short of the target
+        while len(todo):
+            n = len(todo)
+            rand = lambda: torch.rand(n, 1, 1, device=dev, generator=generator)  # noqa: E731
+            cap = missing[todo].view(n, 1, 1).clamp(min=self.min_area)
+            area = self.min_area + (cap - self.min_area) * rand()                # (n, 1, 1)
+            aspect = torch.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * rand())
+            h = (area * aspect).sqrt().round().clamp(1, H)
+            w = (area / aspect).sqrt().round().clamp(1, W)
+            top = ((H - h + 1) * rand()).floor()                                 # in [0, H − h]
+            left = ((W - w + 1) * rand()).floor()
+            in_rows = ((rows >= top) & (rows < top + h)).float()                 # (n, H, 1)
+            in_cols = ((cols >= left) & (cols < left + w)).float()               # (n, 1, W)
+            now = torch.maximum(hidden[todo], in_rows * in_cols)                 # (n, H, W)
+            hidden[todo], missing[todo] = now, target - now.sum(dim=(1, 2))
+            todo = todo[missing[todo] > 0]
+        return hidden.unsqueeze(1).to(mask_dtype(x))          # (B, 1, H, W)
+
+
+def mask_dtype(x):
+    """The baselines' masks take x's floating dtype (float32 for integer images)."""
+    return x.dtype if x.is_floating_point() else torch.float32

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from adios import ADIOS, byol_tau, simclr_loss, sparsity_penalty
+from adios import (ADIOS, SlotBatchNorm2d, byol_tau, convert_to_slot_batchnorm, simclr_loss, slot_statistics,
+                   sparsity_penalty)
 from encoders import build_encoder
 from masker import Masker
 
@@ -198,9 +199,10 @@ def grads(module):
     return {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("batch_slots", [True, False], ids=["batched", "per-slot"])
 @pytest.mark.parametrize("method", ["simclr", "byol", "simsiam"])
-def test_encoder_loss_gradients_equal_the_naive_loop(method):
-    model = tiny_adios(method, **all_terms(method))
+def test_encoder_loss_gradients_equal_the_naive_loop(method, batch_slots):
+    model = tiny_adios(method, batch_slots=batch_slots, **all_terms(method))
     x_a, x_b = views()
     naive = copy.deepcopy(model)
     loss, stats = model.encoder_loss(x_a, x_b)
@@ -218,9 +220,10 @@ def test_encoder_loss_gradients_equal_the_naive_loop(method):
     assert all(p.grad is None for p in model.masker.parameters())
 
 
+@pytest.mark.parametrize("batch_slots", [True, False], ids=["batched", "per-slot"])
 @pytest.mark.parametrize("method", ["simclr", "byol", "simsiam"])
-def test_masker_loss_gradients_equal_the_naive_loop(method):
-    model = tiny_adios(method, **all_terms(method))
+def test_masker_loss_gradients_equal_the_naive_loop(method, batch_slots):
+    model = tiny_adios(method, batch_slots=batch_slots, **all_terms(method))
     x_a, x_b = views()
     naive = copy.deepcopy(model)
     loss, stats = model.masker_loss(x_a, x_b)
@@ -255,6 +258,24 @@ def test_a_masker_step_raises_the_ssl_loss(method):
         opt.step()
     _, after = model.masker_loss(x_a, x_b)
     assert after["ssl_loss"] > before
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_slot_batchnorm_equals_one_call_per_slot(momentum):
+    """Running statistics and outputs of the batched slots equal S separate train-mode calls."""
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(4, momentum=momentum).double()
+    plain.weight.data.uniform_(0.5, 1.5)
+    slotted = convert_to_slot_batchnorm(nn.Sequential(copy.deepcopy(plain)))[0]
+    assert isinstance(slotted, SlotBatchNorm2d)
+    x = torch.randn(3, 5, 4, 6, 6, dtype=torch.float64) * torch.arange(1, 4).view(3, 1, 1, 1, 1)
+    expected = torch.cat([plain(x[s]) for s in range(3)])
+    with slot_statistics(slotted, 3):
+        out = slotted(x.flatten(0, 1))
+    torch.testing.assert_close(out, expected)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(slotted, name), getattr(plain, name))
+    assert slotted.slots == 1                                  # restored after the block
 
 
 def test_stats_report_areas():

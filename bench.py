@@ -1,0 +1,370 @@
+"""Time one ADIOS iteration of this implementation against the released schedule, or the input pipeline.
+
+    python bench.py                          # GPU: the STL10 SimCLR recipe (ResNet18, 96 px, batch 256, N 6, c 128)
+    python bench.py --device cpu             # CPU: ResNet18 (standard stem) at 32 px, batch 64, N 4, c 16, ~1 min
+    python bench.py --method byol --precision fp32 --steps 5      # any recipe flag of train.py's kind
+    python bench.py --loader                 # the input pipeline alone: CPU workers vs GPUAugment
+
+One iteration = the encoder step + the masker step (Sec. 2.3). "ours" is train.adios_step exactly as
+train.py runs it (clean view encoded once per step, the N masked views as one batch with per-slot
+BatchNorm statistics, autocast, channels_last on CUDA); "released" is a transcription of the released
+code's schedule built from the same modules and the same adios.py losses: fp32, one call per slot, the
+clean view encoded again for every slot in both steps (ADIOS_SPEC.md §10). The two run in the same
+process, interleaved, after warm-up; the table gives medians over repeats, the last line one JSON object.
+Inputs are random tensors: the input pipeline is timed on its own by --loader. README: "Performance".
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import train
+from adios import METHODS, byol_loss, frozen, occlude, probe_loss, simclr_loss, sparsity_penalty, symmetric_simsiam
+from encoders import ARCHS, STEMS
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("ADIOS benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to run (unset flags: train.py's recipe for --dataset, as train.py would)")
+    g.add_argument("--dataset", default=None, help="picks the recipe and --loader's data (default: stl10 on "
+                   "CUDA, shapes on CPU; --loader falls back to shapes when the files are absent)")
+    g.add_argument("--data_dir", default="./data", help="where the dataset lives (--loader)")
+    g.add_argument("--arch", default="resnet18", choices=ARCHS)
+    g.add_argument("--stem", default=None, choices=STEMS, help="ResNet stem (as train.py)")
+    g.add_argument("--method", default="simclr", choices=METHODS)
+    g.add_argument("--img_size", type=int, default=None, help="image size (default: the dataset's)")
+    g.add_argument("--batch_size", type=int, default=None, help="images per iteration")
+    g.add_argument("--num_masks", type=int, default=None, help="N, slots per image (≥ 2)")
+    g.add_argument("--mask_channels", type=int, default=None, help="c, the U-Net base width")
+    g.add_argument("--proj_hidden_dim", type=int, default=None)
+    g.add_argument("--proj_output_dim", type=int, default=None)
+    g.add_argument("--pred_hidden_dim", type=int, default=None)
+    g = p.add_argument_group("system (these apply to ours; the released side is always fp32, NCHW, eager)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="ours' autocast dtype (default: bf16 on GPUs that have it, else fp32)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="ours' memory format (default: on for CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile ours' encoder and masker (raise --warmup)")
+    g.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: os.cpu_count())")
+    g = p.add_argument_group("timing")
+    g.add_argument("--steps", type=int, default=None, help="iterations per timed block (default: 10 CUDA, 2 CPU)")
+    g.add_argument("--warmup", type=int, default=None, help="untimed iterations of each side first (default: 3 / 1)")
+    g.add_argument("--repeats", type=int, default=None, help="timed blocks per side, interleaved; the median "
+                   "is reported (default: 5 / 3)")
+    g = p.add_argument_group("--loader: the input pipeline alone")
+    g.add_argument("--loader", action="store_true", help="time two-view batches from CPU workers and GPUAugment")
+    g.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="worker counts to try (default: 0 2 4 8, capped at os.cpu_count())")
+    g.add_argument("--batches", type=int, default=10, help="timed batches per setting (at least 4 per worker)")
+    g.add_argument("--num_images", type=int, default=None, help="images for GPUAugment's uint8 tensor "
+                   "(default: all; 1024 for shapes, which is generated)")
+    return p
+
+
+# ---- the released schedule (ADIOS_SPEC.md §10, first bullet) ------------------------------------
+# The released code re-encodes the clean view once per slot in both steps, though one pass gives
+# identical gradients, and encodes the N masked views in N separate calls. Same losses as adios.py.
+
+def released_slot_loss(model, x_a, x_b, hide_a, hide_b, classify=False):
+    """L_ssl of one slot as the released code computes it, the clean view(s) encoded again.
+
+    hide_a, hide_b: (B, 1, H, W) this slot's masks (hide_a: SimSiam only). Returns (loss, the probe's
+    logits on the clean view a when classify, else None).
+    """
+    net = model.net
+    _, z_a, p_a, logits = net(x_a, classify=classify)        # the clean view, again for this slot
+    x_bm = occlude(x_b, hide_b)
+    if model.method == "simclr":
+        return simclr_loss(z_a, net(x_bm)[1], model.temperature, model.gather_negatives), logits
+    if model.method == "byol":
+        p_bm = net(x_bm)[2]
+        with torch.no_grad():                                 # target branch: no gradient, ever
+            t_a, t_bm = model.target(x_a)[1], model.target(x_bm)[1]
+        return byol_loss(p_a, t_bm) + byol_loss(p_bm, t_a), logits
+    _, z_b, p_b, _ = net(x_b)                                 # SimSiam: both clean views, again
+    _, z_am, p_am, _ = net(occlude(x_a, hide_a))
+    _, z_bm, p_bm, _ = net(x_bm)
+    use = model.simsiam_terms
+    terms = [symmetric_simsiam(p_am, z_b, p_bm, z_a)]
+    if use["masked_targets"]:
+        terms.append(symmetric_simsiam(p_a, z_bm, p_b, z_am))
+    if use["unmasked"]:
+        terms.append(symmetric_simsiam(p_a, z_b, p_b, z_a))
+    if use["both_masked"]:
+        terms.append(symmetric_simsiam(p_am, z_bm, p_bm, z_am))
+    return sum(terms) / len(terms), logits
+
+
+def released_masks(model, x_a, x_b):
+    """(masks of view a or None, masks of view b), (B, N, H, W): SimSiam masks each view separately."""
+    return (model.masker(x_a) if model.method == "simsiam" else None), model.masker(x_b)
+
+
+def released_encoder_loss(model, x_a, x_b, labels=None):
+    """Σ_n L_ssl, one slot at a time, plus the online probe's CE on the first slot's clean pass."""
+    with torch.no_grad():                                     # the masks are constants for θ
+        m_a, m_b = released_masks(model, x_a, x_b)
+    loss = 0
+    for n in range(m_b.shape[1]):
+        hide_a = m_a[:, n:n + 1] if m_a is not None else None  # (B, 1, H, W)
+        slot, logits = released_slot_loss(model, x_a, x_b, hide_a, m_b[:, n:n + 1],
+                                          classify=n == 0 and labels is not None and model.classifier is not None)
+        loss = loss + slot
+        if logits is not None:
+            loss = loss + probe_loss(logits, labels)[0]
+    return loss
+
+
+def released_masker_loss(model, x_a, x_b):
+    """−Σ_n L_ssl + α·P through the frozen f_θ, the clean view encoded per slot with autograd on."""
+    with frozen(model.net):                                   # gradient reaches the masks only
+        m_a, m_b = released_masks(model, x_a, x_b)
+        ssl = sum(released_slot_loss(model, x_a, x_b, m_a[:, n:n + 1] if m_a is not None else None,
+                                     m_b[:, n:n + 1])[0] for n in range(m_b.shape[1]))
+    penalty = sparsity_penalty(m_b) + (sparsity_penalty(m_a) if m_a is not None else 0)   # Eq. (3)
+    return -ssl + model.alpha * penalty
+
+
+def released_iteration(model, x_a, x_b, labels, opt_enc, opt_mask):
+    """One iteration of the released schedule: encoder step, then masker step; fp32, no scaler."""
+    loss = released_encoder_loss(model, x_a, x_b, labels)
+    opt_enc.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_enc.step()
+    loss = released_masker_loss(model, x_a, x_b)
+    opt_mask.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_mask.step()
+
+
+# ---- building both sides ------------------------------------------------------------------------
+
+def train_args(a, device):
+    """train.py's arguments for this benchmark: its parser and recipe, then what train.main sets."""
+    argv = ["--dataset", a.dataset, "--arch", a.arch, "--method", a.method, "--device", device.type]
+    for key in ("stem", "batch_size", "num_masks", "mask_channels", "proj_hidden_dim", "proj_output_dim",
+                "pred_hidden_dim"):
+        if getattr(a, key) is not None:
+            argv += [f"--{key}", str(getattr(a, key))]
+    args = train.resolve_args(train.get_args_parser().parse_args(argv))
+    args.img_size = a.img_size or data.dataset_info(a.dataset)["img_size"]
+    train.check_args(args)                                    # one line and exit 2 on what cannot be built
+    if args.num_masks < 2:
+        raise SystemExit("bench.py: error: --num_masks must be at least 2: the schedules differ in their slots")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    args.precision = a.precision or ("bf16" if bf16 else "fp32")
+    args.channels_last = device.type == "cuda" if a.channels_last is None else a.channels_last
+    args.compile = a.compile
+    return args
+
+
+def build_side(args, device, num_classes):
+    """(model, encoder optimiser, masker optimiser) as train.main builds them, at the warmup's first rate
+    (0.003), so that the weights stay sane over the benchmark's few dozen steps."""
+    model = train.build_model(args, num_classes=num_classes, world=1, device=device)
+    opt_enc, opt_mask = train.build_optimizers(model, args)
+    for opt in (opt_enc, opt_mask):
+        train.set_learning_rates(opt, step=0, warmup=1, total=2)
+    return model, opt_enc, opt_mask
+
+
+def build_pair(args, device, num_classes):
+    """Ours and the released side, from identical weights, so both do the same arithmetic per step."""
+    ours = build_side(args, device, num_classes)
+    plain = argparse.Namespace(**{**vars(args), "precision": "fp32", "channels_last": False, "compile": False})
+    released = build_side(plain, device, num_classes)
+    released[0].batch_slots = False     # one call per slot (SlotBatchNorm with 1 slot is plain BatchNorm)
+    released[0].load_state_dict(ours[0].state_dict())
+    return ours, released
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_block(step, steps, device):
+    """Milliseconds per call of step(), over `steps` calls, and the peak CUDA memory (MiB) meanwhile."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    ms = (time.perf_counter() - start) * 1000 / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return ms, peak
+
+
+def count_flops(step):
+    """FLOPs of one call of step() (matmuls and convolutions, forward and backward), or None."""
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        return counter.get_total_flops()
+    except Exception as e:                                    # e.g. a compiled module the counter cannot follow
+        print(f"FLOP count failed ({type(e).__name__}: {e}); reported as n/a")
+        return None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def bench_iteration(a, device):
+    args = train_args(a, device)
+    torch.manual_seed(0)
+    num_classes = data.dataset_info(a.dataset)["num_classes"] or 10
+    (model, opt_enc, opt_mask), (ref, ref_enc, ref_mask) = build_pair(args, device, num_classes)
+    B, S = args.batch_size, args.img_size
+    x_a, x_b = torch.randn(2, B, 3, S, S, device=device)      # 2 × (B, 3, S, S)
+    labels = torch.randint(num_classes, (B,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+
+    def ours():
+        train.adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp)
+        if model.method == "byol":
+            model.momentum_update(0.99)
+
+    def released():
+        released_iteration(ref, x_a, x_b, labels, ref_enc, ref_mask)
+        if ref.method == "byol":
+            ref.momentum_update(0.99)
+
+    print(f"{a.arch} ({args.stem} stem), {a.method}, {S} px, batch {B}, N {args.num_masks}, c {args.mask_channels}, "
+          f"heads {args.proj_hidden_dim}/{args.proj_output_dim}, ours {args.precision}"
+          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}; "
+          f"{device_name(device)}; warmup {a.warmup}, {a.repeats} × {a.steps} steps per side")
+    for side in (ours, released):
+        for _ in range(a.warmup):
+            side()
+    times, peaks = {"ours": [], "released": []}, {"ours": [], "released": []}
+    for _ in range(a.repeats):                                # interleaved: drifts hit both sides alike
+        for name, side in (("ours", ours), ("released", released)):
+            ms, peak = time_block(side, a.steps, device)
+            times[name].append(ms)
+            peaks[name].append(peak)
+    flops = {"ours": count_flops(ours), "released": count_flops(released)}
+
+    result = dict(device=device_name(device))
+    for name in ("ours", "released"):
+        ms = statistics.median(times[name])
+        result[f"{name}_ms"] = round(ms, 2)
+        result[f"{name}_images_per_s"] = round(B * 1000 / ms, 1)
+        result[f"{name}_peak_mib"] = round(max(peaks[name])) if device.type == "cuda" else None
+        result[f"{name}_gflop"] = round(flops[name] / 1e9, 2) if flops[name] else None
+        result[f"{name}_tflops"] = round(flops[name] / ms / 1e9, 3) if flops[name] else None
+    result["speedup"] = round(result["released_ms"] / result["ours_ms"], 3)
+    result["config"] = dict(arch=a.arch, stem=args.stem, method=a.method, img_size=S, batch_size=B,
+                            num_masks=args.num_masks, mask_channels=args.mask_channels,
+                            proj_hidden_dim=args.proj_hidden_dim, proj_output_dim=args.proj_output_dim,
+                            precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+                            steps=a.steps, warmup=a.warmup, repeats=a.repeats)
+
+    na = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+    rows = [("ms / iteration (median)", "_ms", ".1f"), ("images / s", "_images_per_s", ".1f"),
+            ("peak memory (MiB)", "_peak_mib", "d"), ("GFLOP / iteration", "_gflop", ".1f"),
+            ("achieved TFLOP/s", "_tflops", ".3f")]
+    print(f"{'':26}{'ours':>12}{'released':>12}")
+    for label, key, fmt in rows:
+        print(f"{label:26}{na(result['ours' + key], fmt):>12}{na(result['released' + key], fmt):>12}")
+    print(f"{'speedup (released / ours)':26}{result['speedup']:>11.2f}×")
+    return result
+
+
+# ---- the input pipeline (--loader) -------------------------------------------------------------------
+
+def loader_rate(loader_iter, warm, timed, batch_size):
+    """Images/s of two-view batches from an iterator, after `warm` untimed batches."""
+    for _ in range(warm):
+        next(loader_iter)
+    start = time.perf_counter()
+    for _ in range(timed):
+        next(loader_iter)
+    return timed * batch_size / (time.perf_counter() - start)
+
+
+def bench_loader(a, device):
+    name, size = a.dataset, a.img_size or data.dataset_info(a.dataset)["img_size"]
+    B = a.batch_size or (256 if device.type == "cuda" else 64)
+    workers = a.workers or sorted({0} | {w for w in (2, 4, 8) if w <= (os.cpu_count() or 1)})
+    rounds = {w: (max(1, w), max(a.batches, 4 * w)) for w in workers}    # warm: every worker's first batch
+    try:
+        dataset = data.build_pretrain_dataset(name, a.data_dir, size)
+    except data.DataError as e:
+        print(f"{e}\n→ timing the shapes dataset at {size} px instead")
+        name = "shapes"
+    if name == "shapes":                                      # generated on the fly: make just enough
+        needed = max(warm + timed + 1 for warm, timed in rounds.values()) * B
+        dataset = data.build_pretrain_dataset(name, a.data_dir, size, num_images=needed)
+    info = data.dataset_info(name)
+    print(f"input pipeline: {name} at {size} px, batch {B} (two views each), {device_name(device)}")
+    result = dict(mode="loader", dataset=name, img_size=size, batch_size=B, device=device_name(device),
+                  cpu_workers={})
+    for w, (warm, timed) in rounds.items():                   # CPU workers: PIL transforms per image
+        loader = data.build_loader(dataset, B, w)
+        it = iter(loader)
+        rate = loader_rate(it, warm, min(timed, len(loader) - warm), B)
+        del it, loader                                        # stops the workers
+        result["cpu_workers"][str(w)] = round(rate, 1)
+        print(f"  CPU workers = {w:<3}{rate:12.1f} images/s")
+    del dataset
+
+    num = a.num_images or (1024 if name == "shapes" else None)
+    try:
+        images = data.load_uint8(name, a.data_dir, size, num_images=num).to(device)   # (M, 3, H, W) uint8
+    except data.DataError as e:                               # image folders: no uint8 tensor
+        print(f"  GPUAugment: {e}")
+        result["gpu_augment"] = None
+        return result
+    augment = data.GPUAugment(size, info["mean"], info["std"]).to(device)
+
+    def two_views():
+        x = images[torch.randint(len(images), (B,), device=device)]                # (B, 3, H, W)
+        return augment(x), augment(x)                          # 2 × (B, 3, size, size)
+
+    two_views()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(a.batches):
+        two_views()
+    sync(device)
+    result["gpu_augment"] = round(a.batches * B / (time.perf_counter() - start), 1)
+    print(f"  GPUAugment on {device.type:<5}{result['gpu_augment']:12.1f} images/s   (compare: images/s of "
+          "`python bench.py`, the training iteration)")
+    return result
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def main(argv=None):
+    a = get_args_parser().parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    a.dataset = a.dataset or ("stl10" if cuda else "shapes")
+    a.steps = a.steps or (10 if cuda else 2)
+    a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
+    a.repeats = a.repeats or (5 if cuda else 3)
+    result = bench_loader(a, device) if a.loader else bench_iteration(a, device)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,511 @@
+"""Data for ADIOS: datasets, the two-view augmentation of spec Sec. 6, loaders, and a batched GPU version.
+
+Datasets (`--dataset`), and what `--data_dir` must hold:
+    shapes       nothing: a synthetic set of discs, squares, triangles and crosses drawn on the fly, with a
+                 ground-truth object map per image (for the adjusted Rand index of the masks, spec Sec. 8)
+    stl10        data_dir/stl10_binary/        pretrain on train+unlabeled (105k), probe train 5k / test 8k
+    cifar10/100  data_dir/cifar-10-batches-py/ or cifar-100-python/
+    flowers102   data_dir/flowers-102/         transfer only: probe on train+val, test on test
+    imagenet100  data_dir/train/<class>/*.JPEG and data_dir/val/<class>/*.JPEG (the CMC 100-class list)
+    imagefolder  the same layout, any classes
+torchvision's files are downloaded only when asked (`download=True`); otherwise a missing dataset raises
+DataError with a one-line fix.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
+from torchvision import datasets, transforms
+
+
+class DataError(ValueError):
+    """A dataset is unknown, absent, incomplete or corrupt; the message says how to fix it, in one line."""
+
+
+# ---- per-dataset defaults (spec Sec. 6) ----
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)  # the spec uses these for STL10 too
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Measured over the first 2048 training images of Shapes(seed=0) at 32 px (the statistics barely move with size).
+SHAPES_MEAN, SHAPES_STD = (0.501, 0.498, 0.499), (0.227, 0.226, 0.225)
+
+DATASETS = {
+    # Milder views for the CPU demo: with the paper's jitter (0.8, 0.8, 0.8, 0.2) and 8 % crops, SimCLR's
+    # loss on shapes stayed at chance for 96 steps; with these it fell from 4.81 to 4.50 (README, "Data").
+    "shapes": dict(img_size=32, mean=SHAPES_MEAN, std=SHAPES_STD, num_classes=4,
+                   jitter=(0.4, 0.4, 0.4, 0.1), crop_scale=(0.2, 1.0)),
+    "stl10": dict(img_size=96, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10),
+    "cifar10": dict(img_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10),
+    "cifar100": dict(img_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=100),
+    # Transfer target: 96 px to match encoders pretrained on STL10 / ImageNet100-S; pass img_size to change it.
+    "flowers102": dict(img_size=96, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=102),
+    "imagenet100": dict(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=100),
+    "imagefolder": dict(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=None),  # counted
+}
+
+
+def dataset_info(name):
+    """img_size, mean, std and num_classes for a dataset name (num_classes None: count the class folders)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# ---- shapes: a synthetic dataset with known objects ----
+
+SHAPE_CLASSES = ("disc", "square", "triangle", "cross")
+SPLIT_IDS = {"train": 0, "test": 1}
+
+
+def _background(rng, yy, xx, size):
+    """A random colour gradient plus coloured stripes, so that 'flat colour = background' is no shortcut."""
+    colour_a, colour_b = rng.uniform(0.15, 0.85, size=(2, 3))
+    angle = rng.uniform(0, 2 * np.pi)
+    t = np.clip(((xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle)) / size + 0.5, 0, 1)
+    img = colour_a + t[..., None] * (colour_b - colour_a)  # (H, W, 3)
+    cycles, stripe_angle, phase = rng.uniform(2, 6), rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)
+    along = (xx * np.cos(stripe_angle) + yy * np.sin(stripe_angle)) / size
+    stripes = np.sin(2 * np.pi * cycles * along + phase)  # (H, W)
+    return img + 0.1 * stripes[..., None] * rng.uniform(-1, 1, size=3)  # (H, W, 3)
+
+
+def _shape_mask(kind, dy, dx, r, angle):
+    """Boolean (H, W) mask of one shape of 'radius' r centred at dy = dx = 0, rotated by angle.
+
+    The sizes are set so every class covers about pi r^2 pixels: the label (largest object) then does not
+    favour one class, and size is no cue to the class.
+    """
+    u = dx * np.cos(angle) + dy * np.sin(angle)  # coordinates in the shape's own frame
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    if kind == 0:  # disc
+        return u * u + v * v <= r * r
+    if kind == 1:  # square, half-side h: 4 h^2 = pi r^2
+        h = 0.886 * r
+        return (np.abs(u) <= h) & (np.abs(v) <= h)
+    if kind == 2:  # equilateral triangle, inradius rho: 3 sqrt(3) rho^2 = pi r^2
+        rho = 0.778 * r
+        sides = [u * np.cos(a) + v * np.sin(a) <= rho for a in np.pi / 2 + np.array([0, 2, 4]) * np.pi / 3]
+        return sides[0] & sides[1] & sides[2]  # inside all three edges
+    arm, half_width = 1.19 * r, 1.19 * r / 3  # cross: two bars, area 20/9 arm^2 = pi r^2
+    return ((np.abs(u) <= arm) & (np.abs(v) <= half_width)) | ((np.abs(v) <= arm) & (np.abs(u) <= half_width))
+
+
+def render_shapes(seed, split_id, index, img_size):
+    """Draw image `index`: uint8 (H, W, 3) image, int64 (H, W) object map (0 background, k = k-th object), kinds.
+
+    Everything comes from np.random.default_rng([seed, split_id, index]): the same triple always gives the
+    same image, and train (split_id 0) and test (split_id 1) draw from different seed sequences, so their
+    images are independent draws (with per-pixel noise, two equal images have probability ~0).
+    """
+    rng = np.random.default_rng([seed, split_id, index])
+    yy, xx = np.mgrid[0:img_size, 0:img_size] + 0.5  # pixel centres, (H, W) each
+    img = _background(rng, yy, xx, img_size)  # (H, W, 3) floats
+    object_map = np.zeros((img_size, img_size), dtype=np.int64)
+    kinds = rng.integers(0, len(SHAPE_CLASSES), size=rng.integers(1, 4))  # one to three objects
+    for k, kind in enumerate(kinds, start=1):
+        # The first object is big (14-20 px across at 32 px) and drawn first; the others are smaller
+        # distractors (8-12 px) drawn over it. So one object usually dominates (a clear label) and is often
+        # partly occluded, and every object still counts for the object map.
+        r = (rng.uniform(7, 10) if k == 1 else rng.uniform(4, 6)) * img_size / 32
+        cy, cx = rng.uniform(r, img_size - r, size=2)
+        mask = _shape_mask(kind, yy - cy, xx - cx, r, rng.uniform(0, 2 * np.pi))
+        # Of three random colours take the one farthest from the background under the centre: always visible.
+        candidates = rng.uniform(0, 1, size=(3, 3))
+        local = img[int(cy), int(cx)]
+        img[mask] = candidates[np.abs(candidates - local).sum(1).argmax()]
+        object_map[mask] = k  # later objects occlude earlier ones
+    img = img + rng.normal(0, 0.03, size=img.shape)  # pixel noise
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), object_map, kinds
+
+
+class Shapes(torch.utils.data.Dataset):
+    """One to three shapes on a textured background; label = class of the object with most visible pixels.
+
+    Images are generated from (seed, split, index) when asked for: no files, and image i never changes.
+    """
+
+    classes = SHAPE_CLASSES
+    num_classes = len(SHAPE_CLASSES)
+
+    def __init__(self, split="train", img_size=32, num_images=4096, seed=0, transform=None):
+        if split not in SPLIT_IDS:
+            raise DataError(f"Shapes split must be one of {list(SPLIT_IDS)}, not {split!r}")
+        self.split, self.img_size, self.num_images, self.seed = split, img_size, num_images, seed
+        self.transform = transform
+
+    def __len__(self):
+        return self.num_images
+
+    def render(self, i):
+        """uint8 (H, W, 3) image, int64 (H, W) object map, and the class index of each object."""
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"index {i} out of range for {self.num_images} images")
+        return render_shapes(self.seed, SPLIT_IDS[self.split], i, self.img_size)
+
+    def object_map(self, i):
+        """int64 (H, W): 0 background, k = 1..K the visible pixels of the k-th object drawn."""
+        return self.render(i)[1]
+
+    def label(self, i):
+        """Class index of the object with the most visible pixels (after occlusion)."""
+        return _largest_object_class(*self.render(i)[1:])
+
+    def __getitem__(self, i):
+        img, object_map, kinds = self.render(i)
+        pil = Image.fromarray(img)
+        return (pil if self.transform is None else self.transform(pil)), _largest_object_class(object_map, kinds)
+
+
+def _largest_object_class(object_map, kinds):
+    visible = np.bincount(object_map.ravel(), minlength=len(kinds) + 1)[1:]  # pixels per object, (K,)
+    return int(kinds[visible.argmax()])
+
+
+# ---- torchvision datasets and image folders ----
+
+# name: (the folder torchvision keeps under data_dir, how to fetch it by hand)
+_ARCHIVE = "fetch {url} by hand and unpack it in {data_dir}, so that {path} exists"
+_TORCHVISION = {
+    "stl10": ("stl10_binary", _ARCHIVE.replace("{url}", datasets.STL10.url)),
+    "cifar10": ("cifar-10-batches-py", _ARCHIVE.replace("{url}", datasets.CIFAR10.url)),
+    "cifar100": ("cifar-100-python", _ARCHIVE.replace("{url}", datasets.CIFAR100.url)),
+    "flowers102": ("flowers-102", f"fetch 102flowers.tgz, imagelabels.mat and setid.mat by hand from "
+                   f"{datasets.Flowers102._download_url_prefix} and put them in {{path}}, the .tgz unpacked (jpg/)"),
+}
+IMG_EXTENSIONS = datasets.folder.IMG_EXTENSIONS  # the files ImageFolder reads; it skips all others
+
+
+def _torchvision_dataset(name, data_dir, split, transform, download):
+    """split is 'pretrain', 'train' or 'test'. Checks for the folder first: torchvision's own error is vague."""
+    folder, by_hand = _TORCHVISION[name]
+    path = os.path.join(data_dir, folder)
+    fix = by_hand.format(data_dir=data_dir, path=path)
+    if not download and not os.path.isdir(path):
+        raise DataError(f"{name} not found in --data_dir {data_dir}: pass --download, or {fix}")
+    try:
+        if name == "stl10":
+            stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
+            return datasets.STL10(data_dir, split=stl_split, transform=transform, download=download)
+        if name in ("cifar10", "cifar100"):
+            cifar = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            return cifar(data_dir, train=split != "test", transform=transform, download=download)
+        if split == "test":
+            return datasets.Flowers102(data_dir, split="test", transform=transform, download=download)
+        # Flowers102 has 10 images per class in train and 10 in val: a probe gets both.
+        return ConcatDataset([datasets.Flowers102(data_dir, split=s, transform=transform, download=download)
+                              for s in ("train", "val")])
+    except Exception as e:  # offline (URLError), bad checksum or missing file (RuntimeError), broken archive...
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if download:
+            raise DataError(f"{name}: download into {data_dir} failed ({reason}); {fix}") from e
+        raise DataError(f"{name}: files under {path} are incomplete or corrupt ({reason}); "
+                        f"delete them and pass --download, or {fix}") from e
+
+
+def _has_image(folder):
+    return any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(folder, followlinks=True) for f in files)
+
+
+def check_image_folder(root):
+    """Cheap layout checks before training: root/train/<class>/<images> and root/val/<class>/<images>.
+
+    Also requires the same class folders in both splits: ImageFolder numbers classes by sorted name, so a
+    class missing from val would silently shift every val label after it. Returns the class names.
+    """
+    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    if not os.path.isdir(root):
+        raise DataError(f"image folder --data_dir {root} does not exist; {layout}")
+    classes = {}
+    for split in ("train", "val"):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise DataError(f"{root} has no {split}/ folder; {layout}")
+        classes[split] = sorted(e.name for e in os.scandir(path) if e.is_dir())
+        if not classes[split]:
+            raise DataError(f"{path} holds no class folders; {layout}")
+        for c in classes[split]:
+            if not _has_image(os.path.join(path, c)):
+                raise DataError(f"class folder {os.path.join(path, c)} holds no images ({' '.join(IMG_EXTENSIONS)})")
+    if classes["train"] != classes["val"]:
+        odd = sorted(set(classes["train"]) ^ set(classes["val"]))
+        raise DataError(f"train/ and val/ under {root} hold different class folders (e.g. {odd[:3]}): "
+                        "labels would not match")
+    return classes["train"]
+
+
+def find_bad_images(root, limit=None):
+    """Open each image file ImageFolder would read under root (sorted; the first `limit` if given) and raise
+    DataError naming the first one PIL cannot parse. Returns how many were checked.
+
+    Image.verify() reads the file's structure without decoding the pixels: about 0.1 ms a file, so a whole
+    ImageNet100 folder takes a minute or two; pass limit for a quicker spot check.
+    """
+    checked = 0
+    for dirpath, dirnames, files in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for f in sorted(files):
+            if not f.lower().endswith(IMG_EXTENSIONS):
+                continue
+            if limit is not None and checked >= limit:
+                return checked
+            path = os.path.join(dirpath, f)
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+            except Exception as e:  # PIL raises OSError, SyntaxError, struct.error... depending on the format
+                raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e}); "
+                                "delete or replace it") from e
+            checked += 1
+    return checked
+
+
+def _image_folder(data_dir, split, transform):
+    check_image_folder(data_dir)
+    return datasets.ImageFolder(os.path.join(data_dir, "val" if split == "test" else "train"), transform=transform)
+
+
+def _stored_dataset(name, data_dir, split, transform, download):
+    """Any dataset but shapes, for split 'pretrain', 'train' or 'test'."""
+    if not data_dir:
+        raise DataError(f"{name} needs --data_dir: the folder that holds (or will hold) its files")
+    if name in _TORCHVISION:
+        return _torchvision_dataset(name, data_dir, split, transform, download)
+    return _image_folder(data_dir, split, transform)
+
+
+# ---- transforms (spec Sec. 6 and Sec. 8) ----
+
+DEFAULT_JITTER = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
+
+
+def blur_kernel_size(img_size):
+    """About a tenth of the image, odd and at least 3 (3 at 32 px, 9 at 96 px, 23 at 224 px)."""
+    return max(3, int(0.1 * img_size) // 2 * 2 + 1)
+
+
+def pretrain_transform(img_size, mean, std, jitter=DEFAULT_JITTER, crop_scale=(0.08, 1.0)):
+    """One random view for pretraining: both views of a pair use this (spec Sec. 6; solarisation p = 0)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(img_size, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(*jitter)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([transforms.GaussianBlur(blur_kernel_size(img_size), sigma=(0.1, 2.0))], p=0.5),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+class TwoViews:
+    """img -> (view_a, view_b): the same random transform applied twice, two independent draws."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, img):
+        return self.transform(img), self.transform(img)
+
+
+def eval_transform(img_size, mean, std):
+    """Resize the short side to img_size, centre crop: the whole image for square data, no stretching otherwise."""
+    return transforms.Compose([
+        transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def linear_train_transform(img_size, mean, std):
+    """The linear probe's training augmentation (spec Sec. 8): random crop and flip, no colour changes."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+# ---- builders ----
+
+def build_pretrain_dataset(name, data_dir, img_size, download=False, jitter=None, num_images=None, seed=0):
+    """A dataset of ((view_a, view_b), label); label is -1 for unlabelled STL10 images.
+
+    num_images: size of Shapes (default 4096), or keep only the first num_images of another dataset.
+    seed: the Shapes generator seed (unused elsewhere).
+    """
+    info = dataset_info(name)
+    if name == "flowers102":
+        raise DataError("flowers102 is a transfer (evaluation) dataset here; "
+                        "pretrain on shapes, stl10, cifar10/100 or an image folder")
+    jitter = info.get("jitter", DEFAULT_JITTER) if jitter is None else jitter
+    crop_scale = info.get("crop_scale", (0.08, 1.0))
+    views = TwoViews(pretrain_transform(img_size, info["mean"], info["std"], jitter, crop_scale))
+    if name == "shapes":
+        return Shapes("train", img_size, num_images or 4096, seed, transform=views)
+    dataset = _stored_dataset(name, data_dir, "pretrain", views, download)
+    return Subset(dataset, range(min(num_images, len(dataset)))) if num_images else dataset
+
+
+def build_eval_datasets(name, data_dir, img_size, download=False, augment=False, seed=0, num_images=None):
+    """(train_ds, test_ds, num_classes) for the linear probe and kNN, yielding (image, label).
+
+    augment=False: the eval transform on both (kNN, feature extraction); True: linear_train_transform on
+    train. For shapes, train is the pretraining set (first num_images, default 4096) and test holds a
+    quarter as many images from the disjoint test stream.
+    """
+    info = dataset_info(name)
+    test_tf = eval_transform(img_size, info["mean"], info["std"])
+    train_tf = linear_train_transform(img_size, info["mean"], info["std"]) if augment else test_tf
+    if name == "shapes":
+        n = num_images or 4096
+        train = Shapes("train", img_size, n, seed, transform=train_tf)
+        return train, Shapes("test", img_size, max(1, n // 4), seed, transform=test_tf), Shapes.num_classes
+    train = _stored_dataset(name, data_dir, "train", train_tf, download)
+    test = _stored_dataset(name, data_dir, "test", test_tf, download)
+    # Folders: count the classes actually there (an ImageNet subset need not hold exactly 100).
+    return train, test, info["num_classes"] if name in _TORCHVISION else len(train.classes)
+
+
+def build_loader(dataset, batch_size, workers, shuffle=True, drop_last=True, seed=0):
+    """A DataLoader over this rank's share of dataset; call loader.sampler.set_epoch(epoch) every epoch.
+
+    Always a DistributedSampler (one replica without torch.distributed), so one code path serves one and
+    many processes. drop_last=True (pretraining) gives every rank, every batch and every all-gather the
+    same size; use drop_last=False for evaluation (the sampler then pads by repeating a few images).
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+    # The loader draws its workers' base torch seed from this generator, and each worker adds its id: the
+    # augmentations differ per worker and per rank yet repeat given seed. (With workers=0 they use the
+    # global torch RNG, which the caller seeds.) Shapes draws from its own per-image numpy generator and
+    # the transforms use torch only, so no numpy/random seeding is needed in workers.
+    generator = torch.Generator().manual_seed(seed + 100_003 * rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+                      persistent_workers=workers > 0, generator=generator)
+
+
+# ---- GPU augmentation (--gpu_aug): the same recipe as batched tensor ops ----
+
+def load_uint8(name, data_dir, img_size, download=False, num_images=None, seed=0):
+    """The whole pretraining split as one uint8 tensor (N, 3, H, W), for GPUAugment.
+
+    Shapes is generated at img_size; STL10 (96 px) and CIFAR (32 px) come as stored, without PIL (GPUAugment
+    crops to img_size anyway). Image folders are not supported: ImageNet100 would need ~19 GB as uint8.
+    """
+    if name == "shapes":
+        shapes = Shapes("train", img_size, num_images or 4096, seed)
+        images = np.stack([shapes.render(i)[0] for i in range(len(shapes))])  # (N, H, W, 3)
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    if name not in ("stl10", "cifar10", "cifar100"):
+        raise DataError(f"--gpu_aug supports shapes, stl10, cifar10 and cifar100, not {name}; drop --gpu_aug")
+    images = torch.from_numpy(_stored_dataset(name, data_dir, "pretrain", None, download).data)
+    if name != "stl10":
+        images = images.permute(0, 3, 1, 2)  # CIFAR stores (N, H, W, 3) -> (N, 3, H, W); STL10 is (N, 3, H, W)
+    return images[:num_images].contiguous()  # (N, 3, H, W)
+
+
+def _gray(x):
+    """(B, 3, H, W) -> (B, 1, H, W) luma, with the weights PIL and torchvision use."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _shift_hue(x, turns):
+    """Add turns (B,) to each image's HSV hue, keeping every pixel's value (max) and chroma (max - min):
+    torchvision's adjust_hue, with a different shift per image."""
+    r, g, b = x.unbind(1)  # (B, H, W) each
+    top, chroma = x.amax(1), x.amax(1) - x.amin(1)  # (B, H, W)
+    safe = chroma.clamp(min=1e-8)  # grey pixels: any hue, the result is grey again
+    hue = torch.where(top == r, ((g - b) / safe) % 6, torch.where(top == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = (hue / 6 + turns.view(-1, 1, 1)) % 1  # (B, H, W) in turns
+    # HSV -> RGB: channel n (R 5, G 3, B 1) is top - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6  # (B, 3, H, W)
+    return top.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)  # (B, 3, H, W)
+
+
+class GPUAugment(torch.nn.Module):
+    """forward(x) with x uint8 (B, 3, H, W) on any device -> one augmented, normalised view (B, 3, S, S).
+
+    pretrain_transform as batched tensor ops, each image drawing its own parameters: random resized crop
+    (bilinear, not bicubic) and flip, colour jitter in the fixed order brightness, contrast, saturation,
+    hue (torchvision shuffles the order per image) with p 0.8, grayscale p 0.2, Gaussian blur p 0.5.
+    Random numbers come from `generator` if given, else the global torch RNG of x's device.
+    """
+
+    def __init__(self, img_size, mean, std, jitter=DEFAULT_JITTER, crop_scale=(0.08, 1.0)):
+        super().__init__()
+        self.img_size, self.jitter, self.kernel_size = img_size, tuple(jitter), blur_kernel_size(img_size)
+        self.crop_scale = crop_scale
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x, generator=None):
+        rand = lambda *shape: torch.rand(*shape, device=x.device, generator=generator)  # noqa: E731
+        x = x.float() / 255  # (B, 3, H, W) in [0, 1]
+        x = self.crop_and_flip(x, rand)  # (B, 3, S, S)
+        x = self.color_jitter(x, rand)
+        x = torch.where(rand(len(x), 1, 1, 1) < 0.2, _gray(x).expand_as(x), x)  # grayscale, p 0.2
+        x = self.blur(x, rand)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def crop_and_flip(self, x, rand):
+        """Per-image boxes as in RandomResizedCrop (scale crop_scale, ratio 3/4-4/3), sampled by affine grids."""
+        B, _, H, W = x.shape
+        # RandomResizedCrop tries up to 10 (area, log-ratio) pairs and keeps the first box that fits: try
+        # all 10 at once and take the first that fits, else the whole image (its fallback, for square images).
+        lo, hi = self.crop_scale
+        area = lo + (hi - lo) * rand(B, 10)  # fraction of the image, (B, 10)
+        ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * rand(B, 10))  # width / height, (B, 10)
+        w, h = torch.sqrt(area * ratio * H / W), torch.sqrt(area / ratio * W / H)  # fractions of W and H
+        fits = (w <= 1) & (h <= 1)
+        first = fits.float().argmax(1, keepdim=True)  # (B, 1)
+        w = torch.where(fits.any(1), w.gather(1, first)[:, 0], 1.0)  # (B,)
+        h = torch.where(fits.any(1), h.gather(1, first)[:, 0], 1.0)  # (B,)
+        # In grid_sample's [-1, 1] coordinates the box centre lies within +-(1 - side).
+        theta = torch.zeros(B, 2, 3, device=x.device)
+        theta[:, 0, 0] = w * torch.where(rand(B) < 0.5, -1.0, 1.0)  # negative scale = horizontal flip
+        theta[:, 0, 2] = (1 - w) * (2 * rand(B) - 1)
+        theta[:, 1, 1] = h
+        theta[:, 1, 2] = (1 - h) * (2 * rand(B) - 1)
+        grid = F.affine_grid(theta, (B, 3, self.img_size, self.img_size), align_corners=False)  # (B, S, S, 2)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)  # (B, 3, S, S)
+
+    def color_jitter(self, x, rand):
+        """ColorJitter with p 0.8: images that skip it get identity factors, so there is no branch."""
+        B = len(x)
+        on = (rand(B) < 0.8).float()  # (B,)
+
+        def factor(strength):  # U(max(0, 1 - strength), 1 + strength) as torchvision; 1 where off
+            low = max(0.0, 1 - strength)
+            return (1 + on * (low + (1 + strength - low) * rand(B) - 1)).view(B, 1, 1, 1)
+
+        brightness, contrast, saturation, hue = self.jitter
+        x = (x * factor(brightness)).clamp(0, 1)
+        c = factor(contrast)
+        x = (c * x + (1 - c) * _gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)  # towards the mean grey
+        s = factor(saturation)
+        x = (s * x + (1 - s) * _gray(x)).clamp(0, 1)  # towards each pixel's own grey
+        return _shift_hue(x, on * hue * (2 * rand(B) - 1))
+
+    def blur(self, x, rand):
+        """Gaussian blur with p 0.5, sigma ~ U(0.1, 2) per image: one separable grouped conv for the batch."""
+        B, C, S, _ = x.shape
+        k = self.kernel_size
+        taps = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2  # (k,)
+        sigma = 0.1 + 1.9 * rand(B, 1)  # (B, 1)
+        kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))  # (B, k)
+        kernel = kernel / kernel.sum(1, keepdim=True)
+        kernel = torch.where(rand(B, 1) < 0.5, kernel, (taps == 0).to(x.dtype))  # unblurred: identity kernel
+        kernel = kernel.repeat_interleave(C, 0)  # one kernel per (image, channel), (B*C, k)
+        y = x.reshape(1, B * C, S, S)  # images and channels as groups of one conv
+        y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), kernel.view(B * C, 1, 1, k), groups=B * C)
+        y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), kernel.view(B * C, 1, k, 1), groups=B * C)
+        return y.view(B, C, S, S)  # (B, 3, S, S)

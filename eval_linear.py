@@ -1,0 +1,380 @@
+"""Evaluate a frozen encoder: linear probe, kNN, and (on shapes) the quality of the learned masks.
+
+ADIOS_SPEC.md §8. The encoder is never changed: eval mode (BatchNorm uses and keeps its running
+statistics), requires_grad off, every forward under torch.no_grad().
+
+    # the fast default: features computed once, the linear head trained on them (minutes on a CPU)
+    python eval_linear.py --ckpt runs/shapes/checkpoint.pth --dataset shapes --knn
+    # the full protocol: RandomResizedCrop + flip, the encoder re-run every epoch (one GPU)
+    python eval_linear.py --ckpt runs/stl10/checkpoint.pth --dataset stl10 --augment --knn
+    # transfer: a 96-px STL10 encoder on CIFAR10, whose images are resized to 96 px
+    python eval_linear.py --ckpt runs/stl10/checkpoint.pth --dataset cifar10 --data_dir data
+    # the floor: an untrained encoder
+    python eval_linear.py --random_init --arch resnet18 --img_size 32 --stem standard --dataset shapes
+
+Linear probe: 100 epochs, SGD lr 0.1, momentum 0.9, no weight decay, batch 128, lr ×0.1 at 60 % and
+80 % of the epochs (epochs 60 and 80 of 100). kNN: cosine similarity of L2-normalised backbone
+features, the labelled train split as memory bank, the k = 20 nearest vote with weight exp(sim / T),
+T = 0.07 (InstDisc, Wu et al. 2018; DINO): fixed, never tuned on the test set. Accuracies are in %.
+Writes a JSON file of the results (see `main`).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import DATASETS, DataError, Shapes, build_eval_datasets, dataset_info, eval_transform
+from encoders import ARCHS, STEMS, build_encoder
+from masker import Masker
+
+KNN_K, KNN_T = 20, 0.07                   # fixed kNN neighbours and temperature (spec §8)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("eval_linear.py", description=__doc__.split("\n")[0])
+    # encoder: a checkpoint of train.py, or an untrained one
+    p.add_argument("--ckpt", help="checkpoint written by train.py (its `encoder` and `args` are used)")
+    p.add_argument("--random_init", action="store_true", help="evaluate an untrained encoder (the floor)")
+    p.add_argument("--arch", choices=ARCHS, help="encoder of --random_init (a checkpoint names its own)")
+    p.add_argument("--stem", choices=STEMS, default="auto", help="ResNet stem of --random_init")
+    # data
+    p.add_argument("--dataset", default="stl10", choices=list(DATASETS))
+    p.add_argument("--data_dir", default=None, help="dataset root (default: the checkpoint's, else data)")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument("--img_size", type=int, default=None,
+                   help="eval images are resized to this (default: the encoder's own size; with "
+                        "--random_init, the dataset's). A ViT only takes its own size")
+    p.add_argument("--num_images", type=int, default=None, help="shapes: train images (test: a quarter)")
+    # protocol
+    p.add_argument("--augment", action="store_true",
+                   help="full protocol: RandomResizedCrop + flip, encoder re-run each epoch (slow on CPU)")
+    p.add_argument("--epochs", type=int, default=100, help="linear-probe epochs (100; 0 skips the probe)")
+    p.add_argument("--lr", type=float, default=0.1, help="linear-probe SGD learning rate (0.1)")
+    p.add_argument("--batch_size", type=int, default=128, help="linear-probe batch (128)")
+    p.add_argument("--bn_head", action="store_true",
+                   help="standardise features with a non-affine BatchNorm before the Linear (MAE's "
+                        "linear probing; still a linear classifier, less sensitive to feature scale)")
+    p.add_argument("--knn", action="store_true", help=f"also the weighted kNN (k={KNN_K}, T={KNN_T})")
+    p.add_argument("--mask_images", type=int, default=256,
+                   help="shapes test images for the mask quality of a learned masker (0: skip)")
+    # system
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="head init, shuffling, shapes generator")
+    p.add_argument("--output", default=None, help="JSON file (default: eval_<dataset>.json beside --ckpt)")
+    p.add_argument("--output_dir", default=None, help="where --random_init writes (default runs/random_<arch>)")
+    return p
+
+
+def fail(message):
+    """One line on stderr and exit code 2, like argparse's own errors: no traceback for user mistakes."""
+    print(f"eval_linear.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---- the frozen encoder (and masker) from a checkpoint ---------------------------------------
+
+def load_checkpoint(path):
+    """The checkpoint dict of train.py, or exit with one line naming --ckpt."""
+    if not os.path.isfile(path):
+        fail(f"--ckpt {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                    # pickle, zip or permission errors
+        fail(f"--ckpt {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    missing = [k for k in ("encoder", "args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        fail(f"--ckpt {path} lacks {', '.join(missing)}: is it a checkpoint of train.py?")
+    return ckpt
+
+
+def frozen_encoder(arch, img_size, stem, state_dict=None):
+    """(backbone, feat_dim) in eval mode with requires_grad off: nothing below may change it."""
+    encoder, feat_dim = build_encoder(arch, img_size, stem=stem)
+    if state_dict is not None:
+        encoder.load_state_dict(state_dict)
+    return encoder.eval().requires_grad_(False), feat_dim
+
+
+def learned_masker(ckpt):
+    """The checkpoint's Masker M_φ (frozen, eval mode), or None without learned masks (N = 0, baselines)."""
+    args = ckpt["args"]
+    weights = {k[len("masker."):]: v for k, v in ckpt.get("model", {}).items() if k.startswith("masker.")}
+    if args.get("num_masks", 0) < 2 or args.get("mask_type", "adios") != "adios" or not weights:
+        return None
+    masker = Masker(args["num_masks"], args["img_size"], args["mask_channels"], args["mask_norm"])
+    masker.load_state_dict(weights)
+    return masker.eval().requires_grad_(False)
+
+
+# ---- features ----------------------------------------------------------------------------------
+
+@torch.no_grad()                                              # the encoder is frozen: no graph, no grad
+def extract_features(encoder, dataset, batch_size, workers, device, desc):
+    """Backbone features of a whole dataset in order: (n, D) on `device`, labels (n,) int64."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False):
+        feats.append(encoder(x.to(device, non_blocking=True)).float())    # (b, D)
+        labels.append(torch.as_tensor(y))
+    return torch.cat(feats), torch.cat(labels).to(device)
+
+
+def cached_batches(feats, labels, batch_size, generator):
+    """One epoch over cached features: shuffled minibatches of (b, D) features and (b,) labels."""
+    order = torch.randperm(len(feats), generator=generator).to(feats.device)
+    for start in range(0, len(feats), batch_size):
+        idx = order[start:start + batch_size]
+        yield feats[idx], labels[idx]
+
+
+def augmented_batches(encoder, loader, device):
+    """One epoch of the full protocol: fresh random crops, encoded by the frozen encoder."""
+    for x, y in loader:
+        with torch.no_grad():                                 # frozen encoder: only the head learns
+            feats = encoder(x.to(device, non_blocking=True)).float()       # (b, D)
+        yield feats, torch.as_tensor(y).to(device)
+
+
+# ---- linear probe ------------------------------------------------------------------------------
+
+def train_linear_head(feat_dim, num_classes, epochs, lr, epoch_batches, device, bn=False):
+    """A Linear(D, C) head trained with cross-entropy, returned in eval mode; epoch_batches() yields
+    one epoch of (features, labels) batches. SGD, momentum 0.9, no weight decay; lr ×0.1 at 60 % and
+    80 % of the epochs (spec §8). bn: a BatchNorm1d(D, affine=False) first (He et al., MAE, 2022).
+    """
+    head = nn.Linear(feat_dim, num_classes)
+    if bn:
+        head = nn.Sequential(nn.BatchNorm1d(feat_dim, affine=False), head)
+    head.to(device).train()
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0)
+    milestones = [int(0.6 * epochs), int(0.8 * epochs)]       # 60 and 80 of 100
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for feats, labels in epoch_batches():
+            loss = F.cross_entropy(head(feats), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(labels), count + len(labels)
+        sched.step()
+        if epoch % max(1, epochs // 10) == 0 or epoch == epochs - 1:
+            print(f"  probe epoch {epoch + 1}/{epochs}  loss {total / count:.4f}  lr {opt.param_groups[0]['lr']:.4g}")
+    return head.eval()
+
+
+@torch.no_grad()
+def topk_accuracy(logits, labels, k):
+    """% of rows whose label is among the k highest logits. logits (n, C), labels (n,)."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices                # (n, k)
+    return 100.0 * (top == labels[:, None]).any(dim=1).float().mean().item()
+
+
+# ---- kNN -----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes, k=KNN_K, T=KNN_T, chunk=256):
+    """Weighted kNN top-1 (%): each of the k most cosine-similar train images votes exp(sim / T)."""
+    bank = F.normalize(train_feats, dim=1)                    # (n_train, D), the memory bank
+    correct = 0
+    for start in range(0, len(test_feats), chunk):
+        query = F.normalize(test_feats[start:start + chunk], dim=1)       # (b, D)
+        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)         # (b, k) each
+        votes = torch.zeros(len(query), num_classes, device=query.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / T).exp())         # (b, C)
+        correct += (votes.argmax(dim=1) == test_labels[start:start + chunk]).sum().item()
+    return 100.0 * correct / len(test_feats)
+
+
+# ---- mask quality (spec §8: ARI of the argmax slot map against the true objects) -----------------
+
+def adjusted_rand_index(pred, true, ignore=None):
+    """Adjusted Rand index (Hubert & Arabie 1985) per image, averaged over the batch (a float).
+
+    pred, true: int tensors (B, H, W) or (B, P), any label values. ignore: a label of `true` whose
+    pixels are left out (ignore=0: the foreground-only ARI). From the contingency table n_ij of each
+    image, with a_i, b_j its row and column sums and n its total:
+        ARI = (Σ C(n_ij,2) − E) / (½(Σ C(a_i,2) + Σ C(b_j,2)) − E),  E = Σ C(a_i,2) Σ C(b_j,2) / C(n,2).
+    Degenerate cases: the denominator is 0 only when both maps are one cluster, or both are all
+    singletons; the maps then agree and the ARI is 1 (as scikit-learn). An image with fewer than two
+    counted pixels has no pairs: it is left out of the mean (NaN if every image is).
+    """
+    if pred.shape != true.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and true {tuple(true.shape)} must have the same shape")
+    pred, true = pred.flatten(1), true.flatten(1)             # (B, P)
+    B = pred.shape[0]
+    counted = torch.ones_like(true, dtype=torch.bool) if ignore is None else true != ignore
+    # Relabel both maps 0..K−1 over the batch, so one bincount fills every image's table.
+    p = torch.unique(pred, return_inverse=True)[1]            # (B, P) in [0, Kp)
+    t = torch.unique(true, return_inverse=True)[1]            # (B, P) in [0, Kt)
+    Kp, Kt = int(p.max()) + 1, int(t.max()) + 1
+    image = torch.arange(B, device=pred.device).view(B, 1).expand_as(p)
+    cell = (image * Kp + p) * Kt + t                          # (B, P): flat index into (B, Kp, Kt)
+    table = torch.bincount(cell[counted], minlength=B * Kp * Kt).view(B, Kp, Kt).double()   # n_ij
+
+    def pairs(n):
+        return n * (n - 1) / 2                                # C(n, 2)
+
+    index = pairs(table).sum(dim=(1, 2))                      # (B,)
+    rows, cols = pairs(table.sum(2)).sum(1), pairs(table.sum(1)).sum(1)   # (B,) each
+    total = pairs(table.sum(dim=(1, 2)))                      # (B,)
+    expected = rows * cols / total.clamp(min=1)
+    maximum = (rows + cols) / 2
+    ari = (index - expected) / (maximum - expected)
+    ari = torch.where(maximum == expected, torch.ones_like(ari), ari)     # identical trivial maps
+    ari = torch.where(total > 0, ari, torch.full_like(ari, float("nan")))  # no pixel pairs
+    return ari.nanmean().item()
+
+
+@torch.no_grad()
+def mask_quality(masks, objects):
+    """How well the N slots cover the true objects: dict of ari, ari_fg and miou (floats in [−1, 1]/[0, 1]).
+
+    masks: (B, N, H, W) soft masks; objects: (B, H, W) int, 0 = background, 1..K objects.
+    ari: argmax slot map vs the full object map (background is one more segment);
+    ari_fg: the same on foreground pixels only;
+    miou: for every object (not the background), the best IoU over the N binarised argmax slots,
+          averaged over all objects of the batch.
+    """
+    slots = masks.argmax(dim=1)                               # (B, H, W) hard slot map
+    N, K = masks.shape[1], int(objects.max()) + 1
+    in_slot = F.one_hot(slots.flatten(1), N).float()          # (B, P, N)
+    in_object = F.one_hot(objects.flatten(1).long(), K).float()         # (B, P, K)
+    inter = in_object.transpose(1, 2) @ in_slot               # (B, K, N) pixels in both
+    union = in_object.sum(1)[:, :, None] + in_slot.sum(1)[:, None, :] - inter
+    best = (inter / union.clamp(min=1)).amax(dim=2)           # (B, K) best slot per object
+    present = in_object.sum(1) > 0                            # (B, K)
+    present[:, 0] = False                                     # the background is not an object
+    return dict(ari=adjusted_rand_index(slots, objects),
+                ari_fg=adjusted_rand_index(slots, objects, ignore=0),
+                miou=best[present].mean().item())
+
+
+@torch.no_grad()
+def shapes_mask_quality(masker, num_images, device, seed=0, batch_size=128):
+    """mask_quality of a learned masker on the first num_images of the shapes test split."""
+    info = dataset_info("shapes")
+    size = masker.img_size                                    # the masker takes only its own size
+    shapes = Shapes("test", size, num_images, seed, transform=eval_transform(size, info["mean"], info["std"]))
+    images = torch.stack([shapes[i][0] for i in range(num_images)])                  # (n, 3, H, W)
+    objects = torch.stack([torch.from_numpy(shapes.object_map(i)) for i in range(num_images)])  # (n, H, W)
+    masks = torch.cat([masker(x.to(device)).cpu() for x in images.split(batch_size)])  # (n, N, H, W)
+    return mask_quality(masks, objects)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """Run the evaluation; returns the results dict that is also written as JSON:
+    dataset, protocol ("cached-features" / "augmented"), img_size, top1, top5, knn_top1,
+    mask_quality (dict or None), command, checkpoint, epoch, and a few sizes."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    command = " ".join(sys.argv if argv is None else ["eval_linear.py", *argv])
+
+    # ---- checks before any work ----
+    if args.random_init == (args.ckpt is not None):
+        parser.error("give exactly one of --ckpt and --random_init")
+    if args.random_init and args.arch is None:
+        parser.error("--random_init needs --arch (e.g. --arch resnet18 --img_size 32 --stem standard)")
+    ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+
+    # ---- encoder ----
+    if ckpt is not None:
+        train_args = ckpt["args"]
+        arch, enc_size, stem = train_args["arch"], train_args["img_size"], train_args.get("stem", "auto")
+        try:
+            encoder, feat_dim = frozen_encoder(arch, enc_size, stem, ckpt["encoder"])
+        except (RuntimeError, ValueError) as e:               # keys or shapes that do not fit
+            fail(f"--ckpt {args.ckpt}: its encoder does not load into {arch} ({str(e).splitlines()[0]})")
+        masker = learned_masker(ckpt)
+        data_dir = args.data_dir or train_args.get("data_dir") or "data"
+        output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.dataset}")
+    else:
+        enc_size, stem, arch = args.img_size or DATASETS[args.dataset]["img_size"], args.stem, args.arch
+        encoder, feat_dim = frozen_encoder(arch, enc_size, stem)
+        masker, data_dir = None, args.data_dir or "data"
+        output = args.output or os.path.join(args.output_dir or f"runs/random_{arch}", f"eval_{args.dataset}")
+    if not args.output:
+        output += "_augmented.json" if args.augment else ".json"
+    img_size = args.img_size or enc_size
+    if arch.startswith("vit") and img_size != enc_size:
+        fail(f"--img_size {img_size}: a {arch} trained at {enc_size} px takes only {enc_size}-px images")
+    encoder.to(device)
+
+    # ---- data ----
+    try:
+        train_ds, test_ds, num_classes = build_eval_datasets(
+            args.dataset, data_dir, img_size, download=args.download, seed=args.seed, num_images=args.num_images)
+        if args.augment:
+            aug_ds = build_eval_datasets(args.dataset, data_dir, img_size, augment=True, seed=args.seed,
+                                         num_images=args.num_images)[0]
+    except DataError as e:
+        fail(str(e))
+    protocol = "augmented" if args.augment else "cached-features"
+    print(f"eval: {arch} ({stem} stem, built for {enc_size} px, {feat_dim} features) on {args.dataset} at "
+          f"{img_size} px: {len(train_ds)} train / {len(test_ds)} test images, {num_classes} classes; "
+          f"protocol {protocol}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, device {device}")
+
+    # ---- features (train features are needed by the cached probe and by kNN) ----
+    test_feats, test_labels = extract_features(encoder, test_ds, 256, args.workers, device, "test features")
+    train_feats = train_labels = None
+    if args.knn or (args.epochs > 0 and not args.augment):
+        train_feats, train_labels = extract_features(encoder, train_ds, 256, args.workers, device, "train features")
+
+    # ---- linear probe ----
+    top1 = top5 = None
+    if args.epochs > 0:
+        gen = torch.Generator().manual_seed(args.seed)
+        if args.augment:
+            loader = DataLoader(aug_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                generator=gen, pin_memory=device.type == "cuda",
+                                persistent_workers=args.workers > 0)
+            epoch_batches = lambda: augmented_batches(encoder, loader, device)   # noqa: E731
+        else:
+            epoch_batches = lambda: cached_batches(train_feats, train_labels, args.batch_size, gen)  # noqa: E731
+        head = train_linear_head(feat_dim, num_classes, args.epochs, args.lr, epoch_batches, device, args.bn_head)
+        with torch.no_grad():
+            logits = head(test_feats)                         # (n_test, C)
+        top1 = topk_accuracy(logits, test_labels, 1)
+        top5 = topk_accuracy(logits, test_labels, 5) if num_classes >= 10 else None
+        print(f"linear probe: top-1 {top1:.2f} %" + (f", top-5 {top5:.2f} %" if top5 is not None else ""))
+
+    # ---- kNN ----
+    knn = None
+    if args.knn:
+        knn = knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes)
+        print(f"kNN (k={KNN_K}, T={KNN_T}): top-1 {knn:.2f} %")
+
+    # ---- mask quality ----
+    quality = None
+    if masker is not None and args.dataset == "shapes" and args.mask_images > 0:
+        quality = shapes_mask_quality(masker.to(device), args.mask_images, device, seed=args.seed)
+        print(f"masks on {args.mask_images} shapes test images: ARI {quality['ari']:.3f}, "
+              f"foreground ARI {quality['ari_fg']:.3f}, mIoU {quality['miou']:.3f}")
+
+    # ---- results ----
+    results = dict(dataset=args.dataset, protocol=protocol, img_size=img_size, arch=arch,
+                   num_classes=num_classes, train_images=len(train_ds), test_images=len(test_ds),
+                   epochs=args.epochs, bn_head=args.bn_head, top1=top1, top5=top5,
+                   knn_top1=knn, knn_k=KNN_K, knn_t=KNN_T, mask_quality=quality, command=command, checkpoint=args.ckpt,
+                   epoch=ckpt.get("epoch") if ckpt is not None else None)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Tests of bench.py (CPU, seconds): it runs, and its released schedule is the same mathematics as ours."""
+import json
+
+import pytest
+import torch
+
+import bench
+
+TINY = ["--device", "cpu", "--threads", "1", "--img_size", "32", "--batch_size", "8", "--num_masks", "2",
+        "--mask_channels", "8", "--proj_hidden_dim", "32", "--proj_output_dim", "16", "--pred_hidden_dim", "16"]
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """bench.main sets torch's thread count; give the other test files theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_main_times_both_schedules(capsys):
+    result = bench.main([*TINY, "--steps", "1", "--repeats", "1", "--warmup", "1"])
+    assert result["ours_ms"] > 0 and result["released_ms"] > 0 and result["speedup"] > 0
+    assert result["ours_gflop"] < result["released_gflop"]          # the clean view is encoded once, not N times
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"ours_ms", "released_ms", "speedup", "device"} <= set(line)
+    assert line["speedup"] == result["speedup"]
+
+
+def pair(method):
+    """Ours and the released side in float64, from identical weights, with every SimSiam term on."""
+    torch.set_num_threads(1)                                  # 2 threads on a shared 2-core machine thrash
+    a = bench.get_args_parser().parse_args([*TINY, "--method", method, "--dataset", "shapes"])
+    args = bench.train_args(a, torch.device("cpu"))
+    torch.manual_seed(0)
+    (ours, _, _), (released, _, _) = bench.build_pair(args, torch.device("cpu"), num_classes=4)
+    for model in (ours, released):
+        model.double()
+        model.simsiam_terms = dict(masked_targets=True, unmasked=True, both_masked=True)
+    g = torch.Generator().manual_seed(1)
+    x_a, x_b = torch.randn(2, 6, 3, 32, 32, generator=g, dtype=torch.float64)      # 2 × (B, 3, H, W)
+    labels = torch.tensor([0, 1, 2, 3, -1, 1])
+    return ours, released, x_a, x_b, labels
+
+
+def grads(module):
+    return {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(ours, released):
+    a, b = grads(ours), grads(released)
+    assert set(a) == set(b) and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "simsiam"])
+def test_released_schedule_is_the_same_mathematics(method):
+    ours, released, x_a, x_b, labels = pair(method)
+    assert ours.batch_slots and not released.batch_slots
+    # Encoder step: same loss (SSL sum + online probe), same gradients for f_θ.
+    loss, _ = ours.encoder_loss(x_a, x_b, labels)
+    ref = bench.released_encoder_loss(released, x_a, x_b, labels)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    ref.backward()
+    assert_same_grads(ours.net, released.net)
+    # Masker step: same loss −Σ L_ssl + α·P, same gradients for M_φ, none for f_θ.
+    for model in (ours, released):
+        model.zero_grad(set_to_none=True)
+    loss, _ = ours.masker_loss(x_a, x_b)
+    ref = bench.released_masker_loss(released, x_a, x_b)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    ref.backward()
+    assert_same_grads(ours.masker, released.masker)
+    assert not grads(released.net) and all(p.requires_grad for p in released.net.parameters())
+
+
+def test_loader_reports_cpu_workers_and_gpu_augment(capsys, tmp_path):
+    # stl10 is absent from tmp_path: bench falls back to the generated shapes at the requested size.
+    result = bench.main(["--loader", "--device", "cpu", "--threads", "1", "--dataset", "stl10", "--data_dir",
+                         str(tmp_path), "--img_size", "32", "--batch_size", "8", "--workers", "0",
+                         "--batches", "2", "--num_images", "32"])
+    assert result["dataset"] == "shapes" and result["img_size"] == 32
+    assert result["cpu_workers"]["0"] > 0 and result["gpu_augment"] > 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["cpu_workers"] == result["cpu_workers"]

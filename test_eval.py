@@ -1,0 +1,202 @@
+"""Tests of eval_linear.py (linear probe, kNN, mask quality) and the mask-scheme baselines of masker.py.
+
+CPU only, no network: the data is the synthetic shapes set, the checkpoints are built here.
+"""
+import itertools
+import json
+
+import pytest
+import torch
+
+import eval_linear
+from adios import ADIOS
+from encoders import build_encoder
+from eval_linear import adjusted_rand_index, knn_top1, mask_quality
+from masker import BlockMasker, Masker, RandomPatchMasker
+
+TINY = ["--dataset", "shapes", "--num_images", "256", "--epochs", "3", "--workers", "0",
+        "--device", "cpu", "--knn", "--mask_images", "32"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, torch's threads spin-wait on each other (~40× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fake_checkpoint(tmp_path_factory):
+    """A checkpoint as train.py writes it: an untrained ResNet18 (32 px, standard stem) and masker."""
+    torch.manual_seed(0)
+    encoder, feat_dim = build_encoder("resnet18", 32, stem="standard")
+    with torch.no_grad():                                     # non-trivial BN statistics to preserve
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    model = ADIOS(encoder, feat_dim, masker=Masker(3, 32, 8, "gn"), proj_hidden_dim=32, proj_output_dim=16)
+    args = dict(dataset="shapes", arch="resnet18", img_size=32, stem="standard", num_masks=3,
+                mask_channels=8, mask_norm="gn", mask_type="adios", method="simclr", data_dir="data")
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pth"
+    torch.save(dict(model=model.state_dict(), encoder=encoder.state_dict(), optimizers={}, scaler=None,
+                    epoch=7, args=args), path)
+    return path
+
+
+# ---- eval_linear.main ------------------------------------------------------------------------
+
+def test_eval_writes_json_and_keeps_encoder_identical(fake_checkpoint, monkeypatch):
+    built = []
+    real = eval_linear.frozen_encoder
+    monkeypatch.setattr(eval_linear, "frozen_encoder", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    results = eval_linear.main(["--ckpt", str(fake_checkpoint), *TINY])
+
+    out = fake_checkpoint.parent / "eval_shapes.json"
+    saved = json.loads(out.read_text())
+    assert saved == results
+    assert saved["protocol"] == "cached-features" and saved["img_size"] == 32 and saved["epoch"] == 7
+    assert 0 <= saved["top1"] <= 100 and saved["top5"] is None          # 4 classes: no top-5
+    assert 0 <= saved["knn_top1"] <= 100
+    assert set(saved["mask_quality"]) == {"ari", "ari_fg", "miou"}
+    assert 0 <= saved["mask_quality"]["miou"] <= 1
+    assert saved["train_images"] == 256 and saved["test_images"] == 64
+    assert "--ckpt" in saved["command"] and saved["checkpoint"] == str(fake_checkpoint)
+
+    # The evaluated encoder is bit-identical to the checkpoint's, BatchNorm statistics included.
+    before = torch.load(fake_checkpoint, weights_only=True)["encoder"]
+    after = built[0][0].state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_random_init(tmp_path):
+    results = eval_linear.main(["--random_init", "--arch", "resnet18", "--img_size", "32", "--stem",
+                                "standard", "--output_dir", str(tmp_path), *TINY[:-2], "--epochs", "2"])
+    assert results["checkpoint"] is None and results["mask_quality"] is None
+    assert json.loads((tmp_path / "eval_shapes.json").read_text())["top1"] == results["top1"]
+    results = eval_linear.main(["--random_init", "--arch", "resnet18", "--stem", "standard", "--output_dir",
+                                str(tmp_path), *TINY[:-2], "--epochs", "1", "--augment", "--bn_head"])
+    assert results["protocol"] == "augmented" and results["bn_head"] and results["knn_top1"] is not None
+    assert (tmp_path / "eval_shapes_augmented.json").exists()
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_linear.main(["--ckpt", str(tmp_path / "nope.pth"), "--dataset", "shapes"])
+    assert e.value.code == 2 and "--ckpt" in capsys.readouterr().err
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        eval_linear.main(["--ckpt", str(tmp_path / "junk.pth"), "--dataset", "shapes"])
+    assert e.value.code == 2 and "--ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                     # DataError: CIFAR10 is not there (no download)
+        eval_linear.main(["--random_init", "--arch", "resnet18", "--dataset", "cifar10",
+                          "--data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "cifar10" in err
+    with pytest.raises(SystemExit) as e:
+        eval_linear.main(["--dataset", "shapes"])           # neither --ckpt nor --random_init
+    assert e.value.code == 2
+
+
+def test_knn_finds_the_nearest_class():
+    train = torch.eye(3).repeat(10, 1) + 0.01 * torch.randn(30, 3)      # three tight clusters
+    labels = torch.arange(3).repeat(10)
+    test = torch.eye(3) * 5                                   # the scale must not matter: cosine
+    assert knn_top1(train, labels, test, torch.arange(3), num_classes=3) == 100.0
+
+
+# ---- adjusted Rand index and mask quality ------------------------------------------------------
+
+def naive_ari(pred, true):
+    """ARI of one image by counting every pixel pair (the definition, no contingency table)."""
+    pairs = list(itertools.combinations(range(len(pred)), 2))
+    both = sum(pred[i] == pred[j] and true[i] == true[j] for i, j in pairs)
+    same_p = sum(pred[i] == pred[j] for i, j in pairs)
+    same_t = sum(true[i] == true[j] for i, j in pairs)
+    expected = same_p * same_t / len(pairs)
+    return (both - expected) / ((same_p + same_t) / 2 - expected)
+
+
+def test_ari_matches_pair_counting():
+    g = torch.Generator().manual_seed(0)
+    pred, true = torch.randint(0, 3, (3, 7, 7), generator=g), torch.randint(0, 4, (3, 7, 7), generator=g)
+    true[0, :4] = 0                                           # some structure, so ARI is not ~0
+    pred[0, :4] = 2
+    reference = sum(naive_ari(p.flatten().tolist(), t.flatten().tolist()) for p, t in zip(pred, true)) / 3
+    assert adjusted_rand_index(pred, true) == pytest.approx(reference, abs=1e-9)
+
+
+def test_ari_perfect_relabelled_random_and_degenerate():
+    g = torch.Generator().manual_seed(0)
+    true = torch.randint(0, 4, (4, 8, 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)  # (4, 64, 64)
+    assert adjusted_rand_index(true, true) == pytest.approx(1.0)
+    relabelled = torch.tensor([7, 2, 9, 0])[true]            # the slots in another order, other values
+    assert adjusted_rand_index(relabelled, true) == pytest.approx(1.0)
+    random = torch.randint(0, 5, true.shape, generator=g)
+    assert abs(adjusted_rand_index(random, true)) < 0.05
+    one = torch.zeros(2, 16, 16, dtype=torch.long)            # one cluster in both: identical maps
+    assert adjusted_rand_index(one, one + 3) == 1.0
+    assert adjusted_rand_index(random[:2, :16, :16], one) == pytest.approx(0.0)   # one vs many: no agreement
+
+
+def test_foreground_ari_ignores_background():
+    true = torch.zeros(1, 8, 8, dtype=torch.long)
+    true[0, :4, :4], true[0, 4:, 4:] = 1, 2
+    pred = true.clone()
+    pred[0, :4, 4:] = 1                                       # background wrongly merged with object 1
+    assert adjusted_rand_index(pred, true) < 1
+    assert adjusted_rand_index(pred, true, ignore=0) == pytest.approx(1.0)
+
+
+def test_mask_quality_perfect_and_one_slot():
+    g = torch.Generator().manual_seed(1)
+    objects = torch.randint(0, 3, (2, 4, 4), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    perfect = torch.nn.functional.one_hot(objects, 4).permute(0, 3, 1, 2).float()   # (2, 4, 16, 16)
+    q = mask_quality(perfect * 0.9 + 0.025, objects)          # soft, but the argmax is exact
+    assert q == pytest.approx(dict(ari=1.0, ari_fg=1.0, miou=1.0))
+    everything = torch.zeros(2, 4, 16, 16)
+    everything[:, 1] = 1                                      # one slot covers the whole image
+    areas = [(objects[b] == k).float().mean().item() for b in range(2) for k in (1, 2) if (objects[b] == k).any()]
+    assert mask_quality(everything, objects)["miou"] == pytest.approx(sum(areas) / len(areas))
+
+
+# ---- mask-scheme baselines ---------------------------------------------------------------------
+
+def test_random_patch_masker_hides_exactly_75_percent():
+    m = RandomPatchMasker(32)
+    assert m.patch == 2 and m.num_masks == 1 and not list(m.parameters())
+    x = torch.randn(16, 3, 32, 32, requires_grad=True)
+    hide = m(x)
+    assert hide.shape == (16, 1, 32, 32) and hide.dtype == x.dtype and not hide.requires_grad
+    assert set(hide.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(hide.mean(dim=(1, 2, 3)), torch.full((16,), 0.75))   # 192 of 256 cells, each image
+    assert not torch.equal(hide[0], hide[1])                 # each image its own cells
+    big = RandomPatchMasker(96)                               # 7-px patches, 14 × 14 cells, last ones cropped
+    cells = big(torch.zeros(4, 3, 96, 96))[:, 0, ::7, ::7]    # (4, 14, 14): one pixel per cell
+    assert big.patch == 7 and cells.shape == (4, 14, 14)
+    assert cells.sum(dim=(1, 2)).tolist() == [147.0] * 4      # round(0.75 · 196)
+
+
+def test_block_masker_hides_about_30_percent():
+    m = BlockMasker(32)
+    assert m.num_masks == 1 and m.min_area == 4 and not list(m.parameters())
+    hide = m(torch.randn(256, 3, 32, 32))
+    assert hide.shape == (256, 1, 32, 32) and set(hide.unique().tolist()) == {0.0, 1.0}
+    area = hide.mean(dim=(1, 2, 3))                           # (256,)
+    assert (area >= 0.3).all() and area.mean() <= 0.45
+    assert not torch.equal(hide[0], hide[1])
+    assert BlockMasker(96)(torch.zeros(8, 3, 96, 96)).mean(dim=(1, 2, 3)).min() >= 0.3
+
+
+@pytest.mark.parametrize("baseline", [RandomPatchMasker(32), BlockMasker(32)])
+def test_baselines_fill_the_masker_slot(baseline):
+    torch.manual_seed(0)
+    encoder, feat_dim = build_encoder("resnet18", 32, stem="standard")
+    model = ADIOS(encoder, feat_dim, masker=baseline, proj_hidden_dim=32, proj_output_dim=16)
+    x_a, x_b = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    loss, stats = model.encoder_loss(x_a, x_b)
+    loss.backward()
+    assert torch.isfinite(loss) and stats["area_0"] >= 0.3

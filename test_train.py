@@ -1,0 +1,122 @@
+"""Tests of train.py: short runs of train.main on the embedded shapes data (CPU)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision
+
+import train
+
+# One shared tiny configuration: 32 images of 32 px, batch 8, small heads and masker.
+TINY = ["--num_images", "32", "--batch_size", "8", "--workers", "0", "--proj_hidden_dim", "32",
+        "--proj_output_dim", "16", "--pred_hidden_dim", "16", "--mask_channels", "8", "--device", "cpu"]
+
+
+def run(tmp_path, *flags, name="run"):
+    out = tmp_path / name
+    log = train.main([*TINY, "--output_dir", str(out), *flags])
+    return out, log
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("masks", [["--num_masks", "3"], ["--num_masks", "0"], ["--num_masks", "3", "--single_mask"]],
+                         ids=["adios", "base", "adios-s"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "simsiam"])
+def test_two_iterations(tmp_path, method, masks, precision):
+    out, log = run(tmp_path, "--method", method, "--max_steps", "2", "--precision", precision, *masks)
+    assert log["step"] == 2 and log["epoch"] == 0
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert set(ckpt) >= {"model", "encoder", "optimizers", "scaler", "epoch", "args"}
+    assert ckpt["args"]["method"] == method and ckpt["step"] == 2
+    line = read_log(out)[-1]
+    assert {"enc_ssl_loss", "lr", "online_top1", "images_per_s"} <= set(line)
+    if masks[1] != "0":
+        assert (out / "masks_epoch000.png").exists()
+        assert {"mask_ssl_loss", "mask_penalty", "mask_area_0", "mask_ari"} <= set(line)
+    else:
+        assert not list(out.glob("masks_*.png"))
+
+
+def test_resume_continues_from_the_saved_epoch(tmp_path):
+    out, _ = run(tmp_path, "--epochs", "1")
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    _, log = run(tmp_path, "--epochs", "2", "--resume")
+    assert [line["epoch"] for line in read_log(out)] == [0, 1]
+    assert log["step"] == 8 and torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
+
+
+def test_saved_encoder_loads_into_torchvision(tmp_path):
+    out, _ = run(tmp_path, "--max_steps", "1")
+    sd = torch.load(out / "checkpoint.pth", weights_only=True)["encoder"]
+    resnet = torchvision.models.resnet18()      # shapes uses the standard stem: torchvision's own
+    result = resnet.load_state_dict(sd, strict=False)
+    assert result.unexpected_keys == [] and set(result.missing_keys) == {"fc.weight", "fc.bias"}
+
+
+def test_recipe_fills_what_is_not_given():
+    args = train.main(["--dataset", "stl10", "--method", "byol", "--alpha", "0.5", "--dry_run"])
+    assert (args["lr"], args["mask_lr"], args["num_masks"], args["mask_channels"]) == (0.292, 0.0928, 6, 64)
+    assert args["alpha"] == 0.5 and args["optimizer"] == "lars" and args["img_size"] == 96
+    args = train.main(["--dataset", "imagenet100", "--img_size", "224", "--dry_run"])
+    assert args["single_mask"] and args["mask_channels"] == 8
+
+
+def test_lars_clips_the_local_rate():
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    opt = train.LARS([dict(params=[w], lr=1.0, weight_decay=0.0)], lr=1.0, momentum=0.0)
+    w.grad = torch.full((4, 4), 0.001)                       # trust η·‖w‖/‖g‖ = 20 > 1: clipped to lr
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((4, 4), 1 - 0.001))
+    w.grad = torch.full((4, 4), 1.0)                          # trust 0.02: the step shrinks 50×
+    before = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(before - w.detach(), 0.02 * before)     # η·‖w‖/‖g‖ · g, g = 1
+
+
+def test_learning_rate_schedule():
+    lr = [train.learning_rate(s, 1.0, 10, 110) for s in range(111)]
+    assert lr[0] == pytest.approx(0.003) and lr[10] == pytest.approx(1.0) and lr[110] == pytest.approx(0.0)
+    assert all(a <= b for a, b in zip(lr[:10], lr[1:11])) and all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train
+real_main_destroy = dist.destroy_process_group
+dist.destroy_process_group = lambda: None          # keep the group to compare ranks afterwards
+captured = {{}}
+real_distribute = train.ADIOS.distribute
+def distribute(self, *a, **k):
+    captured["model"] = self
+    return real_distribute(self, *a, **k)
+train.ADIOS.distribute = distribute
+train.main(sys.argv[1:])
+flat = torch.cat([p.detach().flatten() for p in captured["model"].parameters()])
+both = [torch.zeros_like(flat) for _ in range(2)]
+dist.all_gather(both, flat)
+if dist.get_rank() == 0:
+    print("MAX_RANK_DIFF", (both[0] - both[1]).abs().max().item())
+real_main_destroy()
+"""
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TORCHRUN_SCRIPT.format(repo=os.path.dirname(os.path.abspath(train.__file__))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *TINY, "--max_steps", "2", "--output_dir", str(tmp_path / "ddp")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    diff = float(result.stdout.split("MAX_RANK_DIFF")[1].split()[0])
+    assert diff == 0.0
+    assert (tmp_path / "ddp" / "checkpoint.pth").exists()

@@ -1,0 +1,595 @@
+"""Train ADIOS: the inference model and the occlusion model take alternating steps (Sec. 2.3).
+
+    python train.py                                            # CPU, embedded shapes data, minutes
+    python train.py --dataset stl10 --download                 # one GPU, the STL10 SimCLR recipe
+    torchrun --nproc_per_node=4 train.py --dataset stl10       # four GPUs, batch 256 per GPU
+
+Each iteration: the encoder step (f_θ minimises Σ_n L_ssl with the masks fixed, plus the online
+probe), then the masker step (M_φ minimises −Σ_n L_ssl + α·P through the frozen f_θ), then BYOL's
+EMA update. README: "Quickstart", "Recipes", "Reading the outputs", "When things go wrong".
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+import data
+from adios import ADIOS, METHODS, byol_tau
+from encoders import ARCHS, STEMS, build_encoder
+from masker import NORMS, BlockMasker, Masker, RandomPatchMasker, check_masker_args
+
+# The released runs (ADIOS_SPEC.md §7). A flag given on the command line wins over these.
+RECIPES = {
+    ("stl10", "simclr", "resnet18"): dict(epochs=400, batch_size=256, lr=0.132, mask_lr=0.0195, weight_decay=8.5e-5,
+                                          alpha=0.0, num_masks=6, mask_channels=128, proj_hidden_dim=2048,
+                                          proj_output_dim=256),
+    ("stl10", "byol", "resnet18"): dict(epochs=400, batch_size=128, lr=0.292, mask_lr=0.0928, weight_decay=9.9e-6,
+                                        alpha=1.72, num_masks=6, mask_channels=64, proj_hidden_dim=4096,
+                                        pred_hidden_dim=8192, proj_output_dim=256),
+    ("stl10", "simsiam", "resnet18"): dict(epochs=400, batch_size=128, lr=0.444, mask_lr=0.0383, weight_decay=7.2e-6,
+                                           alpha=1.0, num_masks=6, mask_channels=32, proj_hidden_dim=2048,
+                                           pred_hidden_dim=512, proj_output_dim=256, simsiam_unmasked=True,
+                                           jitter=[0.55, 0.48, 0.58, 0.2]),
+    ("stl10", "simclr", "vit_tiny"): dict(epochs=200, batch_size=128, lr=0.103, mask_lr=0.0941, weight_decay=1e-4,
+                                          alpha=0.39, num_masks=4, mask_channels=32, proj_hidden_dim=2048,
+                                          proj_output_dim=128),
+    ("imagenet100_96", "simclr", "resnet18"): dict(epochs=500, batch_size=128, lr=0.111, mask_lr=0.0145,
+                                                   weight_decay=1e-4, alpha=0.92, num_masks=4, mask_channels=32,
+                                                   mask_norm="in", proj_hidden_dim=2048, proj_output_dim=128),
+    ("imagenet100_96", "byol", "resnet18"): dict(epochs=500, batch_size=128, lr=0.241, mask_lr=0.066,
+                                                 weight_decay=1e-5, alpha=0.40, num_masks=6, mask_channels=16,
+                                                 proj_hidden_dim=4096, pred_hidden_dim=8192, proj_output_dim=256),
+    ("imagenet100_224", "simclr", "resnet18"): dict(epochs=400, batch_size=128, lr=0.190, mask_lr=0.499,
+                                                    weight_decay=1e-4, alpha=0.75, num_masks=4, mask_channels=8,
+                                                    single_mask=True, proj_hidden_dim=2048, proj_output_dim=128),
+}
+# Released runs all use LARS and a 10-epoch warmup; these apply to every recipe.
+RECIPE_COMMON = dict(optimizer="lars", warmup_epochs=10)
+# Without a recipe (the CPU demo on shapes, or any other combination).
+DEFAULTS = dict(epochs=8, batch_size=64, lr=0.3, mask_lr=0.05, weight_decay=1e-5, alpha=1.0, num_masks=4,
+                mask_channels=16, mask_norm="gn", single_mask=False, proj_hidden_dim=512, pred_hidden_dim=None,
+                proj_output_dim=128, simsiam_unmasked=False, jitter=None, optimizer="lars", warmup_epochs=1,
+                img_size=None, stem=None)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("ADIOS pretraining", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    S = argparse.SUPPRESS    # recipe-controlled flags: absent from args unless given (see resolve_args)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="shapes", help="shapes (embedded, no download), stl10, cifar10, "
+                   "cifar100, imagenet100 (a folder; 224 px, or 96 px = ImageNet100-S), imagefolder")
+    g.add_argument("--data_dir", default="./data", help="where datasets live / are downloaded to")
+    g.add_argument("--download", action="store_true", help="download STL10/CIFAR if absent (rank 0)")
+    g.add_argument("--img_size", type=int, default=S, help="image size (default: the dataset's)")
+    g.add_argument("--num_images", type=int, default=None, help="shapes: images generated (4096); "
+                   "others: use only the first K images (smoke runs)")
+    g.add_argument("--workers", type=int, default=2, help="data-loading processes per GPU/process")
+    g = p.add_argument_group("model: the inference model f_θ")
+    g.add_argument("--arch", default="resnet18", choices=ARCHS)
+    g.add_argument("--stem", default=S, choices=STEMS, help="ResNet stem: auto = ImageNet stem from 64 px, "
+                   "3×3 CIFAR stem below; shapes defaults to standard (15× cheaper at 32 px)")
+    g.add_argument("--method", default="simclr", choices=METHODS, help="the base SSL method")
+    g.add_argument("--proj_hidden_dim", type=int, default=S, help="projector hidden width")
+    g.add_argument("--pred_hidden_dim", type=int, default=S, help="BYOL/SimSiam predictor hidden width")
+    g.add_argument("--proj_output_dim", type=int, default=S, help="embedding size")
+    g.add_argument("--temperature", type=float, default=0.2, help="T of SimCLR's NT-Xent (0.1–0.5)")
+    g.add_argument("--simsiam_unmasked", action="store_true", default=S, help="SimSiam: add the unmasked pair")
+    g.add_argument("--simsiam_masked_targets", action="store_true", help="SimSiam: add clean p vs masked z")
+    g.add_argument("--simsiam_both_masked", action="store_true", help="SimSiam: add masked p vs masked z")
+    g.add_argument("--no_gather", action="store_true", help="SimCLR negatives from the local batch only "
+                   "(as the released code); default: from every rank")
+    g = p.add_argument_group("masks: the occlusion model M_φ")
+    g.add_argument("--num_masks", type=int, default=S, help="N, masks per image (2–8); 0 = the plain base method")
+    g.add_argument("--single_mask", action="store_true", default=S, help="ADIOS-s: one random slot per image")
+    g.add_argument("--alpha", type=float, default=S, help="α, sparsity-penalty weight (0–2)")
+    g.add_argument("--mask_lr", type=float, default=S, help="masker learning rate")
+    g.add_argument("--mask_channels", type=int, default=S, help="c, the U-Net base width (8–128)")
+    g.add_argument("--mask_norm", default=S, choices=NORMS, help="U-Net normalisation")
+    g.add_argument("--mask_type", default="adios", choices=("adios", "random", "block"),
+                   help="adios: learned masks; random: 75%% of a patch grid (MAE-like); block: ~30%% in "
+                        "rectangles (BEiT-like); the last two have no masker step")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=S)
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many iterations (smoke runs)")
+    g.add_argument("--batch_size", type=int, default=S, help="images per process")
+    g.add_argument("--lr", type=float, default=S, help="encoder base learning rate (after warmup)")
+    g.add_argument("--weight_decay", type=float, default=S, help="both players (not biases, norms)")
+    g.add_argument("--optimizer", default=S, choices=("sgd", "lars"), help="SGD momentum 0.9, or LARS (η 0.02)")
+    g.add_argument("--warmup_epochs", type=int, default=S, help="linear warmup from 0.003, then cosine")
+    g.add_argument("--classifier_lr", type=float, default=0.1, help="online linear probe learning rate")
+    g = p.add_argument_group("system")
+    g.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="autocast dtype (default: bf16 on GPUs that have it, else fp32)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format for the encoder (default: on for CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the encoder and masker (GPU)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output_dir", default="./runs/adios")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--save_every", type=int, default=0, help="also keep checkpoint_epochNNN.pth every K epochs")
+    g.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
+    return p
+
+
+def recipe_for(dataset, method, arch, img_size):
+    """The released run matching this choice, or {} (ImageNet100 is keyed by its image size)."""
+    key = f"imagenet100_{img_size or 224}" if dataset == "imagenet100" else dataset
+    recipe = RECIPES.get((key, method, arch))
+    return {**RECIPE_COMMON, **recipe} if recipe else {}
+
+
+def resolve_args(args):
+    """Fill every flag the user did not give: from the recipe of spec §7 if one matches, else DEFAULTS."""
+    given = vars(args)
+    recipe = recipe_for(args.dataset, args.method, args.arch, given.get("img_size"))
+    for key, value in {**DEFAULTS, **recipe}.items():
+        given.setdefault(key, value)
+    args.recipe = bool(recipe)
+    if args.dataset == "shapes" and args.stem is None:
+        args.stem = "standard"
+    args.stem = args.stem or "auto"
+    if args.mask_type != "adios" and "num_masks" not in recipe:
+        args.num_masks = 1          # fixed masks: one slot, the hidden part
+    return args
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit code 2, before any work starts."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---- distributed, schedule, optimiser -------------------------------------------------------
+
+def setup_distributed(device_arg):
+    """(rank, world size, device) from torchrun's environment; one process when RANK is not set."""
+    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu")
+
+
+def learning_rate(step, base_lr, warmup_steps, total_steps, start_lr=0.003):
+    """Linear warmup from start_lr to base_lr, then cosine to 0; per step (the released code: per epoch)."""
+    start_lr = min(start_lr, base_lr)
+    if step < warmup_steps:
+        return start_lr + (base_lr - start_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum, each tensor's step scaled by LARS's trust ratio (You et al. 2017).
+
+    local rate = η·‖w‖ / (‖g‖ + wd·‖w‖), clipped so it never exceeds the global rate (spec §7).
+    Groups with lars=False (biases, norm parameters) get plain SGD and, by their group, no decay.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    w_norm, g_norm = p.norm(), p.grad.norm()
+                    trust = group["eta"] * w_norm / (g_norm + group["weight_decay"] * w_norm)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), trust, group["lr"])
+                    d.mul_(torch.clamp(trust / group["lr"], max=1.0))     # on the device: no host sync
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def param_groups(module, lr, weight_decay, **extra):
+    """Weights get decay and LARS; biases and norm parameters (1-D tensors) get neither (spec §7)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if p.ndim > 1], lr=lr, base_lr=lr, weight_decay=weight_decay, **extra),
+            dict(params=[p for p in params if p.ndim <= 1], lr=lr, base_lr=lr, weight_decay=0.0, lars=False, **extra)]
+
+
+def make_optimizer(groups, args):
+    groups = [g for g in groups if g["params"]]
+    if args.optimizer == "lars":
+        return LARS(groups, lr=args.lr, momentum=0.9)
+    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+
+
+# ---- models and optimisers ----------------------------------------------------------------------
+
+def build_model(args, num_classes, world=1, device=torch.device("cpu")):
+    """ADIOS with the chosen backbone, heads and masker (or a fixed-mask baseline), on device."""
+    encoder, feat_dim = build_encoder(args.arch, args.img_size, args.stem)
+    if args.mask_type == "random":
+        masker = RandomPatchMasker(args.img_size)
+    elif args.mask_type == "block":
+        masker = BlockMasker(args.img_size)
+    else:
+        masker = Masker(args.num_masks, args.img_size, args.mask_channels, args.mask_norm) if args.num_masks else None
+    sync_bn = world > 1 and device.type == "cuda"
+    model = ADIOS(encoder, feat_dim, masker, method=args.method, alpha=args.alpha, temperature=args.temperature,
+                  single_mask=args.single_mask, proj_hidden_dim=args.proj_hidden_dim,
+                  proj_output_dim=args.proj_output_dim, pred_hidden_dim=args.pred_hidden_dim,
+                  num_classes=num_classes, simsiam_unmasked=args.simsiam_unmasked,
+                  simsiam_masked_targets=args.simsiam_masked_targets,
+                  simsiam_both_masked=args.simsiam_both_masked, gather_negatives=not args.no_gather,
+                  batch_slots=not sync_bn)      # SyncBatchNorm has no per-slot statistics: one call per slot
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if args.channels_last:
+        model.net.to(memory_format=torch.channels_last)
+    if args.compile:                                          # in place: state_dict keys unchanged
+        model.net.encoder.compile()
+        if isinstance(model.masker, Masker):
+            model.masker.compile()
+    if world > 1:
+        model.distribute(device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def build_optimizers(model, args):
+    """(encoder-side optimiser, masker optimiser or None): the two players' own optimisers (spec §7)."""
+    net = model.net
+    groups = param_groups(net.encoder, args.lr, args.weight_decay) + \
+        param_groups(net.projector, args.lr, args.weight_decay)
+    if net.predictor is not None:       # SimSiam's predictor keeps its rate (SimSiam Sec. 4.4; spec §4)
+        groups += param_groups(net.predictor, args.lr, args.weight_decay, fixed_lr=args.method == "simsiam")
+    if net.classifier is not None:      # the online probe: its own rate, no decay (LARS tames its steps)
+        groups += param_groups(net.classifier, args.classifier_lr, 0.0)
+    opt_enc = make_optimizer(groups, args)
+    learned = args.mask_type == "adios" and model.masker is not None
+    opt_mask = make_optimizer(param_groups(model.masker, args.mask_lr, args.weight_decay), args) if learned else None
+    return opt_enc, opt_mask
+
+
+# ---- checkpoints, logs, pictures --------------------------------------------------------------
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, then rename: a crash or full disk mid-save leaves the old file intact."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def checkpoint_state(model, opt_enc, opt_mask, scaler, epoch, step, args):
+    return dict(model=model.state_dict(), encoder=model.encoder.state_dict(),
+                optimizers=dict(encoder=opt_enc.state_dict(), masker=opt_mask.state_dict() if opt_mask else None),
+                scaler=scaler.state_dict(), epoch=epoch, step=step, args=vars(args))
+
+
+@torch.no_grad()
+def save_mask_picture(model, images, mean, std, path):
+    """A grid with one row per image: the image, its N masks, then the N masked images (denormalised)."""
+    masks = model.masker(images).float()                       # (B, N, H, W)
+    B, N = masks.shape[:2]
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    show = lambda x: (x.float().cpu() * std + mean).clamp(0, 1)
+    tiles = [show(images).unsqueeze(1),                                    # (B, 1, 3, H, W)
+             masks.cpu().unsqueeze(2).expand(-1, -1, 3, -1, -1),            # (B, N, 3, H, W)
+             show(images.unsqueeze(1) * (1 - masks.unsqueeze(2)))]          # (B, N, 3, H, W)
+    grid = torch.cat(tiles, dim=1).flatten(0, 1)                           # (B·(1+2N), 3, H, W)
+    save_image(make_grid(grid, nrow=1 + 2 * N, padding=1, pad_value=1.0), path)
+
+
+@torch.no_grad()
+def probe_top1(model, loader, device, autocast):
+    """Top-1 of the online linear probe on the held-out split (encoder in eval mode)."""
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        with autocast:
+            logits = model.net(images.to(device), classify=True)[3]
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        total += len(labels)
+    model.train()
+    return correct / max(total, 1)
+
+
+class Averager:
+    """Running means of the per-step stats dicts, for the epoch's log line."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def add(self, stats):
+        self.count += 1
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self):
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+@torch.no_grad()
+def mask_quality_on(model, val_set, device, count=256):
+    """ARI and best-IoU of the masks against the true objects, on datasets that have them (shapes)."""
+    if not hasattr(val_set, "object_map") or not isinstance(model.masker, Masker):
+        return {}
+    from eval_linear import mask_quality
+    idx = range(min(count, len(val_set)))
+    images = torch.stack([val_set[i][0] for i in idx]).to(device)              # (B, 3, H, W)
+    objects = torch.stack([torch.as_tensor(val_set.object_map(i)) for i in idx])  # (B, H, W)
+    return {f"mask_{k}": v for k, v in mask_quality(model.masker(images).float().cpu(), objects).items()}
+
+
+def set_learning_rates(optimizer, step, warmup, total):
+    for group in optimizer.param_groups:
+        if not group.get("fixed_lr"):
+            group["lr"] = learning_rate(step, group["base_lr"], warmup, total)
+
+
+def first_non_finite(enc, msk):
+    """Name of the first loss term that is NaN or infinite this iteration, or None."""
+    terms = [("encoder loss", enc.get("ssl_loss")), ("online probe loss", enc.get("online_ce")),
+             ("masker loss", msk.get("ssl_loss")), ("sparsity penalty", msk.get("penalty"))]
+    return next((name for name, v in terms if v is not None and not math.isfinite(v)), None)
+
+
+def agree(flags, world, device):
+    """Each flag True on every rank if it is True on any (a non-finite loss, a stop request)."""
+    if world == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp):
+    """One ADIOS iteration on one batch (Sec. 2.3): the encoder step, then the masker step.
+
+    Returns the two objectives' stats dicts (the masker's is empty without a masker step).
+    """
+    # Encoder step: f_θ minimises Σ_n L_ssl with the masks fixed (Eq. 2), plus the online probe.
+    with amp():
+        loss, enc = model.encoder_loss(x_a, x_b, labels)
+    opt_enc.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()          # fp16: scale the loss so small gradients do not underflow
+    scaler.step(opt_enc)                   # unscales first; skips the step if a gradient overflowed
+    # Masker step: M_φ minimises −Σ_n L_ssl + α·P through the just-updated, frozen f_θ (Eq. 2–3).
+    msk = {}
+    if opt_mask is not None:
+        with amp():
+            loss, msk = model.masker_loss(x_a, x_b)
+        opt_mask.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt_mask)
+    scaler.update()                        # once per iteration, after both players' steps
+    return enc, msk
+
+
+def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, last_step, schedule, args,
+                    device, stop, is_main):
+    """One pass over this rank's share of the data. Returns (mean stats, global step, epoch finished?)."""
+    model.train()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    skip = step - epoch * len(loader)          # resuming mid-epoch: these batches were trained on already
+    avg, lrs = Averager(), {}
+    bar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch}", disable=not is_main, leave=False)
+    for i, ((x_a, x_b), labels) in enumerate(loader):
+        if i < skip:
+            continue
+        if step >= last_step:
+            return {**avg.means(), **lrs}, step, False
+        for opt in (opt_enc, opt_mask):
+            if opt is not None:
+                set_learning_rates(opt, step, **schedule)
+        x_a, x_b, labels = x_a.to(device, non_blocking=True), x_b.to(device, non_blocking=True), labels.to(device)
+
+        enc, msk = adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp)
+        if model.method == "byol":
+            model.momentum_update(byol_tau(step, schedule["total"]))
+        step += 1
+
+        bad = first_non_finite(enc, msk)
+        any_bad, any_stop = agree([bad is not None, stop["signal"] is not None], world, device)
+        if any_bad:
+            print(f"train.py: error: non-finite {bad or 'loss on another rank'} at step {step} (epoch {epoch}); "
+                  "stopped without saving, the last checkpoint is intact. Lower --lr or --mask_lr, raise "
+                  "--alpha, or use --precision fp32", file=sys.stderr)
+            sys.exit(1)
+        avg.add({**{f"enc_{k}": v for k, v in enc.items()}, **{f"mask_{k}": v for k, v in msk.items()}})
+        lrs = dict(lr=opt_enc.param_groups[0]["lr"], mask_lr=opt_mask.param_groups[0]["lr"] if opt_mask else 0.0)
+        bar.update()
+        bar.set_postfix(loss=f"{enc['ssl_loss']:.3f}", refresh=False)
+        if any_stop:
+            stop["signal"] = stop["signal"] or "on another rank"
+            return {**avg.means(), **lrs}, step, False
+    bar.close()
+    return {**avg.means(), **lrs}, step, True
+
+
+# ---- checks before any work ---------------------------------------------------------------------
+
+def check_args(args):
+    """Answer bad input in one line (exit 2) before anything is built or read."""
+    if args.num_masks < 0 or args.num_masks == 1 and args.mask_type == "adios":
+        fail(f"--num_masks {args.num_masks}: N must be 0 (the plain base method) or at least 2 "
+             "(one slot would hide the whole image)")
+    if args.img_size is None:
+        args.img_size = data.dataset_info(args.dataset)["img_size"] if args.dataset in data.DATASETS else 0
+    if args.dataset not in data.DATASETS or args.dataset == "flowers102":
+        fail(f"--dataset {args.dataset!r} is not a pretraining dataset: choose shapes, stl10, cifar10, "
+             "cifar100, imagenet100 or imagefolder")
+    if args.mask_type == "adios" and args.num_masks >= 2:
+        try:
+            check_masker_args(args.num_masks, args.img_size, args.mask_channels, args.mask_norm,
+                              int(math.log2(args.img_size) - 1))
+        except ValueError as e:
+            fail(f"--img_size/--num_masks/--mask_channels: {e}")
+    try:
+        build_encoder(args.arch, args.img_size, args.stem)
+    except ValueError as e:
+        fail(f"--arch {args.arch} / --img_size {args.img_size}: {e}")
+    if args.batch_size < 2:
+        fail(f"--batch_size {args.batch_size}: contrastive losses need at least 2 images per process")
+
+
+def check_output_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--output_dir {path} cannot be written ({e.strerror}): choose another directory")
+
+
+def load_resume(path, args):
+    """The checkpoint to resume from, after checking it fits this run (one line if it does not)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                    # truncated, not a checkpoint, unreadable
+        fail(f"--resume: {path} cannot be read ({type(e).__name__}); delete it or restore a copy")
+    for key in ("arch", "num_masks", "img_size", "method", "mask_type", "mask_channels", "stem"):
+        if ckpt["args"].get(key) != getattr(args, key):
+            fail(f"--resume: {path} was made with --{key} {ckpt['args'].get(key)}, this run has "
+                 f"{getattr(args, key)}; use the same value or another --output_dir")
+    return ckpt
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = resolve_args(get_args_parser().parse_args(argv))
+    check_args(args)
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    if is_main:
+        print(f"world size {world}, global batch {args.batch_size * world}, device {device}, "
+              f"precision {args.precision}, recipe {'spec §7' if args.recipe else 'defaults'}")
+        print(json.dumps(vars(args), indent=1))
+    if args.dry_run:
+        return vars(args)
+    check_output_dir(args.output_dir)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    resume = load_resume(ckpt_path, args) if args.resume and os.path.exists(ckpt_path) else None
+
+    # ---- data ----
+    info = data.dataset_info(args.dataset)
+    try:
+        if is_main or not args.download:                      # rank 0 downloads, the others wait
+            train_set = data.build_pretrain_dataset(args.dataset, args.data_dir, args.img_size, args.download,
+                                                    args.jitter, args.num_images, args.seed)
+        if world > 1:
+            dist.barrier()
+        if not is_main and args.download:
+            train_set = data.build_pretrain_dataset(args.dataset, args.data_dir, args.img_size, False,
+                                                    args.jitter, args.num_images, args.seed)
+        _, val_set, num_classes = data.build_eval_datasets(args.dataset, args.data_dir, args.img_size,
+                                                           num_images=args.num_images, seed=args.seed)
+    except data.DataError as e:
+        fail(str(e))
+    if args.batch_size * world > len(train_set):
+        fail(f"--batch_size {args.batch_size} × {world} processes exceeds the {len(train_set)} training "
+             "images: lower --batch_size")
+    torch.manual_seed(args.seed)
+    loader = data.build_loader(train_set, args.batch_size, args.workers, seed=args.seed)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(args.workers, 2))
+    fixed = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device)   # for the picture
+
+    # ---- models ----
+    model = build_model(args, num_classes, world, device)
+
+    # ---- optimisers ----
+    opt_enc, opt_mask = build_optimizers(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+
+    # ---- resume ----
+    start_epoch, step = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt_enc.load_state_dict(resume["optimizers"]["encoder"])
+        if opt_mask is not None:
+            opt_mask.load_state_dict(resume["optimizers"]["masker"])
+        scaler.load_state_dict(resume["scaler"])
+        start_epoch, step = resume["epoch"], resume["step"]
+        if is_main:
+            print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+
+    # ---- train ----
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    schedule = dict(warmup=args.warmup_epochs * steps_per_epoch, total=total_steps)
+    stop = {"signal": None}
+    handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    log = {}
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            if step >= last_step:
+                break
+            # Seed per epoch and rank: resuming at an epoch boundary replays the same augmentations.
+            torch.manual_seed(args.seed + 1_000_003 * epoch + rank)
+            loader.generator.manual_seed(args.seed + 1_000_003 * epoch + rank)
+            loader.sampler.set_epoch(epoch)
+            start_time = time.time()
+            stats, step, finished = train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step,
+                                                    last_step, schedule, args, device, stop, is_main)
+            epoch_done = epoch + 1 if finished else epoch
+            if is_main:
+                seen = (step - epoch * steps_per_epoch) * args.batch_size * world
+                log = dict(epoch=epoch, step=step, **stats, images_per_s=seen / (time.time() - start_time),
+                           online_top1=probe_top1(model, val_loader, device, amp()))
+                if model.masker is not None:
+                    log.update(mask_quality_on(model, val_set, device))
+                    save_mask_picture(model, fixed, info["mean"], info["std"],
+                                      os.path.join(args.output_dir, f"masks_epoch{epoch:03d}.png"))
+                with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(log) + "\n")
+                state = checkpoint_state(model, opt_enc, opt_mask, scaler, epoch_done, step, args)
+                save_checkpoint(state, ckpt_path)
+                if args.save_every and finished and epoch_done % args.save_every == 0:
+                    save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint_epoch{epoch_done:03d}.pth"))
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in log.items()}))
+            if world > 1:
+                dist.barrier()
+            if stop["signal"] is not None:
+                if is_main:
+                    print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, "
+                          "rerun the same command with --resume to continue")
+                break
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if world > 1:
+            dist.destroy_process_group()
+    return log
+
+
+if __name__ == "__main__":
+    main()
