@@ -2,6 +2,7 @@
 
     python bench.py                          # GPU: the STL10 SimCLR recipe (ResNet18, 96 px, batch 256, N 6, c 128)
     python bench.py --device cpu             # CPU: ResNet18 (standard stem) at 32 px, batch 64, N 4, c 16, ~1 min
+    python bench.py --device cpu --threads 1 # the same on a CPU shared with other work (see --threads)
     python bench.py --method byol --precision fp32 --steps 5      # any recipe flag of train.py's kind
     python bench.py --loader                 # the input pipeline alone: CPU workers vs GPUAugment
 
@@ -52,7 +53,8 @@ def get_args_parser():
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="ours' memory format (default: on for CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile ours' encoder and masker (raise --warmup)")
-    g.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: os.cpu_count())")
+    g.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: os.cpu_count(); "
+                   "on a machine shared with other work, 1 avoids OpenMP threads waiting on each other)")
     g = p.add_argument_group("timing")
     g.add_argument("--steps", type=int, default=None, help="iterations per timed block (default: 10 CUDA, 2 CPU)")
     g.add_argument("--warmup", type=int, default=None, help="untimed iterations of each side first (default: 3 / 1)")
@@ -149,7 +151,7 @@ def released_iteration(model, x_a, x_b, labels, opt_enc, opt_mask):
 def train_args(a, device):
     """train.py's arguments for this benchmark: its parser and recipe, then what train.main sets."""
     argv = ["--dataset", a.dataset, "--arch", a.arch, "--method", a.method, "--device", device.type]
-    for key in ("stem", "batch_size", "num_masks", "mask_channels", "proj_hidden_dim", "proj_output_dim",
+    for key in ("img_size", "stem", "batch_size", "num_masks", "mask_channels", "proj_hidden_dim", "proj_output_dim",
                 "pred_hidden_dim"):
         if getattr(a, key) is not None:
             argv += [f"--{key}", str(getattr(a, key))]

@@ -395,22 +395,55 @@ def build_loader(dataset, batch_size, workers, shuffle=True, drop_last=True, see
 
 # ---- GPU augmentation (--gpu_aug): the same recipe as batched tensor ops ----
 
-def load_uint8(name, data_dir, img_size, download=False, num_images=None, seed=0):
-    """The whole pretraining split as one uint8 tensor (N, 3, H, W), for GPUAugment.
+def load_uint8(name, data_dir, img_size, download=False, num_images=None, seed=0, with_labels=False):
+    """The whole pretraining split as one uint8 tensor (N, 3, H, W), for GPUAugment; with_labels=True
+    returns (images, labels (N,) int64, -1 for unlabelled STL10 images).
 
     Shapes is generated at img_size; STL10 (96 px) and CIFAR (32 px) come as stored, without PIL (GPUAugment
     crops to img_size anyway). Image folders are not supported: ImageNet100 would need ~19 GB as uint8.
     """
     if name == "shapes":
         shapes = Shapes("train", img_size, num_images or 4096, seed)
-        images = np.stack([shapes.render(i)[0] for i in range(len(shapes))])  # (N, H, W, 3)
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
-    if name not in ("stl10", "cifar10", "cifar100"):
+        rendered = [shapes.render(i) for i in range(len(shapes))]
+        images = torch.from_numpy(np.stack([r[0] for r in rendered])).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        labels = torch.tensor([_largest_object_class(r[1], r[2]) for r in rendered])
+    elif name in ("stl10", "cifar10", "cifar100"):
+        stored = _stored_dataset(name, data_dir, "pretrain", None, download)
+        images = torch.from_numpy(stored.data)[:num_images]
+        if name != "stl10":
+            images = images.permute(0, 3, 1, 2)  # CIFAR stores (N, H, W, 3) -> (N, 3, H, W); STL10 is (N, 3, H, W)
+        labels = torch.as_tensor(stored.labels if name == "stl10" else stored.targets)[:num_images].long()
+    else:
         raise DataError(f"--gpu_aug supports shapes, stl10, cifar10 and cifar100, not {name}; drop --gpu_aug")
-    images = torch.from_numpy(_stored_dataset(name, data_dir, "pretrain", None, download).data)
-    if name != "stl10":
-        images = images.permute(0, 3, 1, 2)  # CIFAR stores (N, H, W, 3) -> (N, 3, H, W); STL10 is (N, 3, H, W)
-    return images[:num_images].contiguous()  # (N, 3, H, W)
+    images = images.contiguous()
+    return (images, labels) if with_labels else images
+
+
+class GPULoader:
+    """--gpu_aug: the whole uint8 split on the device, both views augmented there, per batch.
+
+    Iterates like build_loader's DataLoader: ((x_a, x_b), labels) batches of this rank's share
+    (a DistributedSampler with drop_last), `sampler.set_epoch(epoch)` each epoch. The views draw
+    their random parameters from the device's global RNG, which the caller seeds.
+    """
+
+    def __init__(self, images, labels, batch_size, augment, seed=0):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        self.images, self.labels, self.batch_size, self.augment = images, labels.to(images.device), batch_size, augment
+        self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, seed=seed,
+                                          drop_last=True)
+        self.generator = torch.Generator()     # unused: kept so callers can seed it like a DataLoader's
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), device=self.images.device)   # this rank's indices
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[idx]                                              # (B, 3, H, W) uint8
+            yield (self.augment(x), self.augment(x)), self.labels[idx]       # two independent views
 
 
 def _gray(x):

@@ -191,6 +191,7 @@ def test_load_uint8_stored_layouts(monkeypatch):
     class Stored:  # what torchvision keeps in .data: CIFAR (N, H, W, 3), STL10 (N, 3, H, W)
         def __init__(self, array):
             self.data = array
+            self.labels = self.targets = list(range(len(array)))  # STL10 / CIFAR label attributes
 
     hwc = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
     monkeypatch.setattr(data, "_stored_dataset", lambda *args: Stored(hwc))
@@ -198,6 +199,19 @@ def test_load_uint8_stored_layouts(monkeypatch):
     assert images.shape == (4, 3, 32, 32) and torch.equal(images[1, 2], torch.from_numpy(hwc[1, :, :, 2]))
     monkeypatch.setattr(data, "_stored_dataset", lambda *args: Stored(hwc.transpose(0, 3, 1, 2)))
     assert data.load_uint8("stl10", "/unused", 96).shape == (6, 3, 32, 32)
+    images, labels = data.load_uint8("stl10", "/unused", 96, num_images=5, with_labels=True)
+    assert labels.tolist() == [0, 1, 2, 3, 4] and len(images) == 5
+
+
+def test_gpu_loader_yields_two_views_of_this_ranks_share():
+    images, labels = data.load_uint8("shapes", None, 32, num_images=20, with_labels=True)
+    assert labels.tolist() == [data.Shapes("train", 32, 20).label(i) for i in range(20)]
+    info = data.dataset_info("shapes")
+    loader = data.GPULoader(images, labels, 8, data.GPUAugment(32, info["mean"], info["std"]))
+    batches = list(loader)
+    assert len(loader) == len(batches) == 2                   # drop_last: 20 images → two batches of 8
+    (x_a, x_b), y = batches[0]
+    assert x_a.shape == x_b.shape == (8, 3, 32, 32) and not torch.equal(x_a, x_b) and y.shape == (8,)
 
 
 def test_gpu_augment_shape_and_per_image_params():

@@ -61,9 +61,13 @@ DEFAULTS = dict(epochs=8, batch_size=64, lr=0.3, mask_lr=0.05, weight_decay=1e-5
                 img_size=None, stem=None)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):              # one line, exit 2 (argparse would print the usage first)
+        fail(message)
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("ADIOS pretraining", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     S = argparse.SUPPRESS    # recipe-controlled flags: absent from args unless given (see resolve_args)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shapes", help="shapes (embedded, no download), stl10, cifar10, "
@@ -74,6 +78,8 @@ def get_args_parser():
     g.add_argument("--num_images", type=int, default=None, help="shapes: images generated (4096); "
                    "others: use only the first K images (smoke runs)")
     g.add_argument("--workers", type=int, default=2, help="data-loading processes per GPU/process")
+    g.add_argument("--gpu_aug", action="store_true", help="keep the uint8 dataset on the device and augment "
+                   "there (shapes, stl10, cifar: STL10 takes 2.9 GB); no CPU workers")
     g = p.add_argument_group("model: the inference model f_θ")
     g.add_argument("--arch", default="resnet18", choices=ARCHS)
     g.add_argument("--stem", default=S, choices=STEMS, help="ResNet stem: auto = ImageNet stem from 64 px, "
@@ -215,6 +221,20 @@ def make_optimizer(groups, args):
     if args.optimizer == "lars":
         return LARS(groups, lr=args.lr, momentum=0.9)
     return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+
+
+def build_train_loader(args, info, device, download):
+    """Batches ((x_a, x_b), labels) of this rank's share: PIL augmentation in CPU workers, or with
+    --gpu_aug the whole uint8 split on the device, augmented there (data.GPULoader)."""
+    if not args.gpu_aug:
+        train_set = data.build_pretrain_dataset(args.dataset, args.data_dir, args.img_size, download,
+                                                args.jitter, args.num_images, args.seed)
+        return data.build_loader(train_set, args.batch_size, args.workers, seed=args.seed)
+    images, labels = data.load_uint8(args.dataset, args.data_dir, args.img_size, download, args.num_images,
+                                     args.seed, with_labels=True)
+    augment = data.GPUAugment(args.img_size, info["mean"], info["std"], args.jitter or info.get("jitter", data.DEFAULT_JITTER),
+                              info.get("crop_scale", (0.08, 1.0))).to(device)
+    return data.GPULoader(images.to(device), labels, args.batch_size, augment, seed=args.seed)
 
 
 # ---- models and optimisers ----------------------------------------------------------------------
@@ -501,23 +521,20 @@ def main(argv=None):
     # ---- data ----
     info = data.dataset_info(args.dataset)
     try:
-        if is_main or not args.download:                      # rank 0 downloads, the others wait
-            train_set = data.build_pretrain_dataset(args.dataset, args.data_dir, args.img_size, args.download,
-                                                    args.jitter, args.num_images, args.seed)
-        if world > 1:
+        if world > 1 and args.download and not is_main:      # rank 0 downloads, the others wait for it
             dist.barrier()
-        if not is_main and args.download:
-            train_set = data.build_pretrain_dataset(args.dataset, args.data_dir, args.img_size, False,
-                                                    args.jitter, args.num_images, args.seed)
+        loader = build_train_loader(args, info, device, download=args.download and is_main)
+        if world > 1 and args.download and is_main:
+            dist.barrier()
         _, val_set, num_classes = data.build_eval_datasets(args.dataset, args.data_dir, args.img_size,
                                                            num_images=args.num_images, seed=args.seed)
+        if args.dataset in ("imagenet100", "imagefolder") and is_main:
+            print(f"checked {data.find_bad_images(args.data_dir)} images under {args.data_dir}")
     except data.DataError as e:
         fail(str(e))
-    if args.batch_size * world > len(train_set):
-        fail(f"--batch_size {args.batch_size} × {world} processes exceeds the {len(train_set)} training "
-             "images: lower --batch_size")
-    torch.manual_seed(args.seed)
-    loader = data.build_loader(train_set, args.batch_size, args.workers, seed=args.seed)
+    if len(loader) == 0:
+        fail(f"--batch_size {args.batch_size} × {world} processes exceeds the {len(loader.sampler.dataset)} "
+             "training images: lower --batch_size")
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(args.workers, 2))
     fixed = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device)   # for the picture
 
