@@ -9,6 +9,7 @@ This file takes its encoder and masker as arguments; it imports only the head bu
 """
 import contextlib
 import copy
+import inspect
 import math
 
 import torch
@@ -144,15 +145,17 @@ class SlotBatchNormMixin:
     batch statistics: exactly what `slots` separate forward calls in train mode compute.
 
     The paper's loop encodes each masked view separately, so BatchNorm sees per-slot statistics;
-    stacking the slots into one batch is faster but would mix them. With slots == 1, or in eval
-    mode, this is the plain BatchNorm. State-dict keys are BatchNorm's (torchvision loads them).
+    stacking the slots into one batch lets every other layer run once on S·B images, while
+    BatchNorm still runs once per slot (in order, so the running averages match the loop's too).
+    With slots == 1, or in eval mode, this is the plain BatchNorm. State-dict keys are BatchNorm's.
     """
     slots = 1
 
-    def forward(self, x):
+    def forward(self, x):                                     # x: (S·B, C, ...)
         if self.slots == 1 or not self.training:
             return super().forward(x)
-        return slot_batch_norm(self, x, self.slots)
+        batch_norm = super().forward
+        return torch.cat([batch_norm(part) for part in x.chunk(self.slots)])   # slot by slot, in order
 
 
 class SlotBatchNorm1d(SlotBatchNormMixin, nn.BatchNorm1d):
@@ -163,56 +166,18 @@ class SlotBatchNorm2d(SlotBatchNormMixin, nn.BatchNorm2d):
     pass
 
 
-def slot_batch_norm(bn, x, slots):
-    """Train-mode BatchNorm of x (S·B, C, ...) with statistics per slot s over (B, ...)."""
-    C = x.shape[1]
-    dtype = torch.promote_types(x.dtype, torch.float32)                       # statistics in ≥ float32
-    xs = x.view(slots, x.shape[0] // slots, *x.shape[1:]).to(dtype)          # (S, B, C, ...)
-    dims = [1] + list(range(3, xs.dim()))                                     # batch and spatial dims
-    var, mean = torch.var_mean(xs, dim=dims, unbiased=False, keepdim=True)   # (S, 1, C, 1...)
-    scale = torch.rsqrt(var + bn.eps)
-    shape = [1, 1, C] + [1] * (xs.dim() - 3)
-    if bn.affine:
-        scale = scale * bn.weight.view(shape)
-    y = (xs - mean) * scale
-    if bn.affine:
-        y = y + bn.bias.view(shape)
-    if bn.track_running_stats:
-        update_running_stats(bn, mean.view(slots, C), var.view(slots, C), xs[0].numel() // C)
-    return y.to(x.dtype).view(x.shape)
+class SlotSyncBatchNorm(SlotBatchNormMixin, nn.SyncBatchNorm):
+    """Per-slot statistics synchronised across GPUs: SyncBatchNorm run once per slot."""
 
 
-@torch.no_grad()
-def update_running_stats(bn, means, variances, count):
-    """Running averages as after S train-mode calls, one per slot in order; means, variances (S, C).
-
-    S exponential-average steps r ← (1 − m)·r + m·v_s in closed form:
-    r_S = (1 − m)^S · r_0 + Σ_s m·(1 − m)^(S−1−s) · v_s.
-    Written through `.data`, as BatchNorm's own kernel does, without bumping the autograd version
-    of buffers an earlier train-mode call may have saved (train-mode backward never reads them).
-    """
-    S = means.shape[0]
-    running_mean, running_var = bn.running_mean.data, bn.running_var.data
-    variances = variances * count / max(count - 1, 1)                        # unbiased, as BatchNorm
-    if bn.momentum is None:                                                   # cumulative average
-        for mean, var in zip(means, variances):
-            bn.num_batches_tracked += 1
-            running_mean.lerp_(mean, 1.0 / bn.num_batches_tracked.item())
-            running_var.lerp_(var, 1.0 / bn.num_batches_tracked.item())
-        return
-    m = bn.momentum
-    weights = m * (1 - m) ** torch.arange(S - 1, -1, -1, device=means.device, dtype=means.dtype)  # (S,)
-    running_mean.mul_((1 - m) ** S).add_((weights[:, None] * means).sum(0))
-    running_var.mul_((1 - m) ** S).add_((weights[:, None] * variances).sum(0))
-    bn.num_batches_tracked += S
-
-
-def convert_to_slot_batchnorm(module):
-    """Replace every BatchNorm1d/2d in module by its Slot version, keeping parameters and buffers."""
+def convert_to_slot_batchnorm(module, sync=False):
+    """Replace every BatchNorm1d/2d in module (or its Slot version) by SlotBatchNorm1d/2d, or by
+    SlotSyncBatchNorm with sync=True, keeping parameters and buffers."""
     for name, child in module.named_children():
-        kind = {nn.BatchNorm1d: SlotBatchNorm1d, nn.BatchNorm2d: SlotBatchNorm2d}.get(type(child))
-        if kind is None:
-            convert_to_slot_batchnorm(child)
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            kind = SlotSyncBatchNorm if sync else SlotBatchNorm1d if isinstance(child, nn.BatchNorm1d) else SlotBatchNorm2d
+        else:
+            convert_to_slot_batchnorm(child, sync)
             continue
         new = kind(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
         ref = child.running_mean if child.running_mean is not None else child.weight   # dtype and device
@@ -336,14 +301,24 @@ class ADIOS(nn.Module):
     classifier = property(lambda self: self.net.classifier)
     num_masks = property(lambda self: 0 if self.masker is None else self.masker.num_masks)
 
-    def distribute(self, device_ids=None):
+    def distribute(self, device_ids=None, sync_batchnorm=False):
         """Give f_θ and M_φ each their own DistributedDataParallel wrapper (call under torchrun).
 
         The encoder step differentiates through the wrapped f_θ only (masks under no_grad); the
         masker step through the wrapped M_φ only (f_θ frozen and called unwrapped), so each
-        wrapper sees all its parameters used in every backward.
+        wrapper sees all its parameters used in every backward. sync_batchnorm (GPUs): BatchNorm
+        statistics over the global batch, still per slot (SlotSyncBatchNorm).
         """
-        ddp = lambda m: nn.parallel.DistributedDataParallel(m, device_ids=device_ids, broadcast_buffers=False)
+        if sync_batchnorm:
+            for module in (self.net, self.target):
+                if module is not None:
+                    convert_to_slot_batchnorm(module, sync=True)
+        # No buffer broadcast before each forward: BatchNorm statistics stay per rank (or are synced by
+        # SyncBatchNorm). torch ≥ 2.13 names the switch forward_sync_buffers, older ones broadcast_buffers.
+        DDP = nn.parallel.DistributedDataParallel
+        quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        ddp = lambda m: DDP(m, device_ids=device_ids, **{quiet: False})
         self.players["net"] = ddp(self.net)
         if self.masker is not None and any(p.requires_grad for p in self.masker.parameters()):
             self.players["masker"] = ddp(self.masker)         # fixed (random/block) maskers need none

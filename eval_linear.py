@@ -16,7 +16,7 @@ Linear probe: 100 epochs, SGD lr 0.1, momentum 0.9, no weight decay, batch 128, 
 80 % of the epochs (epochs 60 and 80 of 100). kNN: cosine similarity of L2-normalised backbone
 features, the labelled train split as memory bank, the k = 20 nearest vote with weight exp(sim / T),
 T = 0.07 (InstDisc, Wu et al. 2018; DINO): fixed, never tuned on the test set. Accuracies are in %.
-Writes a JSON file of the results (see `main`).
+Writes a JSON file of the results (see `main`). README: "Recipes", "Evidence on shapes".
 """
 import argparse
 import json

@@ -15,12 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from adios import (ADIOS, SlotBatchNorm2d, byol_tau, convert_to_slot_batchnorm, simclr_loss, slot_statistics,
+from adios import (ADIOS, SlotBatchNorm2d, SlotSyncBatchNorm, byol_tau, convert_to_slot_batchnorm, simclr_loss, slot_statistics,
                    sparsity_penalty)
 from encoders import build_encoder
 from masker import Masker
 
-torch.set_num_threads(2)
 
 
 def tiny_encoder(feat_dim=16):
@@ -276,6 +275,18 @@ def test_slot_batchnorm_equals_one_call_per_slot(momentum):
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(slotted, name), getattr(plain, name))
     assert slotted.slots == 1                                  # restored after the block
+
+
+def test_sync_conversion_keeps_weights_and_state_dict_keys():
+    """Multi-GPU runs swap in SlotSyncBatchNorm (per-slot statistics over all GPUs; CUDA-only to run)."""
+    model = tiny_adios("byol")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    for module in (model.net, model.target):
+        convert_to_slot_batchnorm(module, sync=True)
+    assert sum(isinstance(m, SlotSyncBatchNorm) for m in model.modules()) == count == 7
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_stats_report_areas():

@@ -4,6 +4,10 @@
     python train.py --dataset stl10 --download                 # one GPU, the STL10 SimCLR recipe
     torchrun --nproc_per_node=4 train.py --dataset stl10       # four GPUs, batch 256 per GPU
 
+A run continues from OUTPUT_DIR/checkpoint.pth whenever one is there, so the same command, rerun or
+restarted by `torchrun --max_restarts`, picks up after a crash or SIGTERM. A checkpoint is written at
+every epoch's end and when SIGTERM/SIGINT arrives (after the current iteration).
+
 Each iteration: the encoder step (f_θ minimises Σ_n L_ssl with the masks fixed, plus the online
 probe), then the masker step (M_φ minimises −Σ_n L_ssl + α·P through the frozen f_θ), then BYOL's
 EMA update. README: "Quickstart", "Recipes", "Reading the outputs", "When things go wrong".
@@ -14,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import torch
@@ -122,7 +127,8 @@ def get_args_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder and masker (GPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output_dir", default="./runs/adios")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth (automatic "
+                   "whenever it exists; this flag only says so when it does not)")
     g.add_argument("--save_every", type=int, default=0, help="also keep checkpoint_epochNNN.pth every K epochs")
     g.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
     return p
@@ -288,11 +294,19 @@ def build_optimizers(model, args):
 # ---- checkpoints, logs, pictures --------------------------------------------------------------
 
 def save_checkpoint(state, path):
-    """Write to a temporary file, then rename: a crash or full disk mid-save leaves the old file intact."""
+    """Write to a temporary file, then rename: a crash or full disk mid-save leaves the old file intact.
+    A failed write stops the run (exit 1): training on without checkpoints would risk more than it gains."""
     tmp = f"{path}.tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())           # on disk before the rename: a power cut cannot leave an empty file
+        os.replace(tmp, path)              # atomic: readers see the old checkpoint or the new, never half
+    except OSError as e:
+        print(f"train.py: error: cannot write {path} ({e.strerror or e}); the previous checkpoint is intact: "
+              "free some space and rerun with --resume", file=sys.stderr)
+        sys.exit(1)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -372,6 +386,12 @@ def first_non_finite(enc, msk):
     return next((name for name, v in terms if v is not None and not math.isfinite(v)), None)
 
 
+def first_non_finite_weight(model):
+    """Name of the first parameter holding a NaN or infinity, or None: a non-finite gradient can spoil
+    the weights while the loss that produced it was finite, so this is checked before every save."""
+    return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+
+
 def agree(flags, world, device):
     """Each flag True on every rank if it is True on any (a non-finite loss, a stop request)."""
     if world == 1:
@@ -406,17 +426,15 @@ def adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp):
 
 def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, last_step, schedule, args,
                     device, stop, is_main):
-    """One pass over this rank's share of the data. Returns (mean stats, global step, epoch finished?)."""
+    """One pass over this rank's share of the data (what is left of it, after a mid-epoch resume).
+    Returns (mean stats, global step)."""
     model.train()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    skip = step - epoch * len(loader)          # resuming mid-epoch: these batches were trained on already
     avg, lrs = Averager(), {}
-    bar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch}", disable=not is_main, leave=False)
-    for i, ((x_a, x_b), labels) in enumerate(loader):
-        if i < skip:
-            continue
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not is_main, leave=False)
+    for (x_a, x_b), labels in loader:
         if step >= last_step:
-            return {**avg.means(), **lrs}, step, False
+            break
         for opt in (opt_enc, opt_mask):
             if opt is not None:
                 set_learning_rates(opt, step, **schedule)
@@ -438,11 +456,11 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
         lrs = dict(lr=opt_enc.param_groups[0]["lr"], mask_lr=opt_mask.param_groups[0]["lr"] if opt_mask else 0.0)
         bar.update()
         bar.set_postfix(loss=f"{enc['ssl_loss']:.3f}", refresh=False)
-        if any_stop:
+        if any_stop:                       # every rank stops after this same iteration
             stop["signal"] = stop["signal"] or "on another rank"
-            return {**avg.means(), **lrs}, step, False
+            break
     bar.close()
-    return {**avg.means(), **lrs}, step, True
+    return {**avg.means(), **lrs}, step
 
 
 # ---- checks before any work ---------------------------------------------------------------------
@@ -457,6 +475,8 @@ def check_args(args):
     if args.dataset not in data.DATASETS or args.dataset == "flowers102":
         fail(f"--dataset {args.dataset!r} is not a pretraining dataset: choose shapes, stl10, cifar10, "
              "cifar100, imagenet100 or imagefolder")
+    if args.img_size <= 0:
+        fail(f"--img_size {args.img_size}: must be a positive number of pixels")
     if args.mask_type == "adios" and args.num_masks >= 2:
         try:
             check_masker_args(args.num_masks, args.img_size, args.mask_channels, args.mask_norm,
@@ -474,10 +494,8 @@ def check_args(args):
 def check_output_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        with tempfile.TemporaryFile(dir=path) as f:     # a unique name: every rank probes at once
+            f.write(b"ok")
     except OSError as e:
         fail(f"--output_dir {path} cannot be written ({e.strerror}): choose another directory")
 
@@ -488,6 +506,8 @@ def load_resume(path, args):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                    # truncated, not a checkpoint, unreadable
         fail(f"--resume: {path} cannot be read ({type(e).__name__}); delete it or restore a copy")
+    if not isinstance(ckpt, dict) or not {"model", "optimizers", "epoch", "step", "args"} <= ckpt.keys():
+        fail(f"--resume: {path} is not a checkpoint of train.py; move it away or choose another --output_dir")
     for key in ("arch", "num_masks", "img_size", "method", "mask_type", "mask_channels", "stem"):
         if ckpt["args"].get(key) != getattr(args, key):
             fail(f"--resume: {path} was made with --{key} {ckpt['args'].get(key)}, this run has "
@@ -516,7 +536,10 @@ def main(argv=None):
         return vars(args)
     check_output_dir(args.output_dir)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = load_resume(ckpt_path, args) if args.resume and os.path.exists(ckpt_path) else None
+    # Resume whenever there is a checkpoint: rerunning the command (or torchrun restarting it) continues.
+    resume = load_resume(ckpt_path, args) if os.path.exists(ckpt_path) else None
+    if args.resume and resume is None and is_main:
+        print(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
 
     # ---- data ----
     info = data.dataset_info(args.dataset)
@@ -539,6 +562,7 @@ def main(argv=None):
     fixed = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device)   # for the picture
 
     # ---- models ----
+    torch.manual_seed(args.seed)            # --seed fixes the initial weights too (DDP then copies rank 0's)
     model = build_model(args, num_classes, world, device)
 
     # ---- optimisers ----
@@ -574,10 +598,20 @@ def main(argv=None):
             torch.manual_seed(args.seed + 1_000_003 * epoch + rank)
             loader.generator.manual_seed(args.seed + 1_000_003 * epoch + rank)
             loader.sampler.set_epoch(epoch)
+            # Resuming mid-epoch: skip, unloaded, the images of this epoch's order already trained on.
+            loader.sampler.start = (step - epoch * steps_per_epoch) * args.batch_size
             start_time = time.time()
-            stats, step, finished = train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step,
-                                                    last_step, schedule, args, device, stop, is_main)
+            stats, step = train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, last_step,
+                                          schedule, args, device, stop, is_main)
+            loader.sampler.start = 0
+            finished = step == (epoch + 1) * steps_per_epoch
             epoch_done = epoch + 1 if finished else epoch
+            bad = first_non_finite_weight(model)    # the same weights on every rank: all stop together
+            if bad is not None:
+                print(f"train.py: error: non-finite weights in {bad} after step {step} (epoch {epoch}); stopped "
+                      "without saving, the last checkpoint is intact. Lower --lr or --mask_lr, or use "
+                      "--precision fp32", file=sys.stderr)
+                sys.exit(1)
             if is_main:
                 seen = (step - epoch * steps_per_epoch) * args.batch_size * world
                 log = dict(epoch=epoch, step=step, **stats, images_per_s=seen / (time.time() - start_time),
@@ -593,9 +627,10 @@ def main(argv=None):
                 if args.save_every and finished and epoch_done % args.save_every == 0:
                     save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint_epoch{epoch_done:03d}.pth"))
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in log.items()}))
-            if world > 1:
-                dist.barrier()
-            if stop["signal"] is not None:
+            # Decide together (this also waits for rank 0's save): a signal that reached one rank during
+            # the save must stop every rank here, not that one alone while the others train on without it.
+            if agree([stop["signal"] is not None], world, device)[0]:
+                stop["signal"] = stop["signal"] or "on another rank"
                 if is_main:
                     print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, "
                           "rerun the same command with --resume to continue")

@@ -1,0 +1,83 @@
+"""README cannot rot: every command in it runs or is validated, every code name in it exists."""
+import ast
+import importlib
+import pathlib
+import re
+import shlex
+
+import pytest
+
+import bench
+import eval_linear
+import train
+
+ROOT = pathlib.Path(__file__).parent
+README = (ROOT / "README.md").read_text()
+
+
+def commands():
+    """(program, argv) for every `python X.py ...` or `torchrun ... X.py ...` line of README's bash blocks."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
+            if words and words[0] in ("python", "python3", "torchrun") and scripts and words[1] != "-m":
+                found.append((words[scripts[0]], words[scripts[0] + 1:]))
+    return found
+
+
+def test_readme_has_the_commands_users_type():
+    programs = {p for p, _ in commands()}
+    assert {"train.py", "eval_linear.py", "bench.py"} <= programs
+    assert ("train.py", []) in commands()                      # the quickstart
+
+
+@pytest.mark.parametrize("program, argv", commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_readme_command(program, argv, tmp_path):
+    args = train.get_args_parser().parse_args(argv) if program == "train.py" else None
+    if program == "train.py" and args.dataset == "shapes":
+        # On the embedded data: a real run, two iterations, on a smaller set.
+        log = train.main([*argv, "--max_steps", "2", "--output_dir", str(tmp_path), "--workers", "0",
+                          "--num_images", "128"])
+        assert log["step"] == 2
+    elif program == "train.py":
+        resolved = train.main([*argv, "--dry_run"])             # validates every flag, needs no data
+        assert resolved["dataset"] == args.dataset
+    elif program == "eval_linear.py":
+        parsed = eval_linear.get_args_parser().parse_args(argv)
+        if parsed.dataset == "shapes" and parsed.ckpt:            # evaluate a real two-iteration checkpoint
+            train.main(["--max_steps", "2", "--output_dir", str(tmp_path), "--workers", "0", "--num_images", "128"])
+            ckpt = str(tmp_path / "checkpoint.pth")
+            result = eval_linear.main([*argv, "--ckpt", ckpt, "--epochs", "1", "--num_images", "128",
+                                       "--workers", "0", "--output", str(tmp_path / "e.json")])
+            assert 0 <= result["top1"] <= 100
+    elif program == "bench.py":
+        bench.get_args_parser().parse_args(argv)
+    else:
+        pytest.fail(f"README runs {program}, which no test checks")
+
+
+def test_reading_guide_names_exist():
+    names = set(re.findall(r"`(\w+)\.py:([\w.]+)`", README))
+    assert len(names) > 20
+    for module, path in names:
+        obj = importlib.import_module(module)
+        for part in path.split("."):
+            assert hasattr(obj, part), f"README names {module}.py:{path}, which does not exist"
+            obj = getattr(obj, part)
+
+
+def test_ci_installs_and_tests_what_readme_says():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -r requirements.txt pytest" in README and "pip install -q -r requirements.txt pytest" in ci
+    assert "python3 -m pytest -q" in README and "python3 -m pytest -q" in ci
+
+
+def test_readme_is_short_and_every_file_points_to_it():
+    assert len(README.splitlines()) < 400
+    for path in ROOT.glob("*.py"):
+        if not path.name.startswith(("test_", "conftest")):
+            doc = ast.get_docstring(ast.parse(path.read_text()))
+            assert doc and "README" in doc, f"{path.name}'s docstring does not point to README"
+    assert "TBD" not in README and not re.search(r"\b[A-Z]{4,}_[A-Z_]+\b", README)   # no placeholder left

@@ -1,0 +1,341 @@
+"""Reliability of train.py: bad input answered in one line before any work (exit 2), and the faults of
+a long run — a save cut short, a non-finite loss, SIGTERM (one process, or one of two torchrun ranks),
+and exact resume. CPU, on test_train's tiny shapes configuration (32 images, batch 8, 4 steps an epoch).
+"""
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from PIL import Image
+
+import adios
+import train
+from test_train import TINY, read_log
+
+REPO = os.path.dirname(os.path.abspath(train.__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}      # the subprocesses share two busy cores
+
+
+def run(out, *flags):
+    return train.main([*TINY, "--output_dir", str(out), *flags])
+
+
+def ckpt(out, name="checkpoint.pth"):
+    return torch.load(out / name, weights_only=True)
+
+
+def bad_input(capsys, tmp_path, *flags):
+    """train.main on TINY + flags must exit 2 with one line on stderr and no traceback; returns the line."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "out", *flags)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error: "), err
+    return err
+
+
+# ---- bad input: exit 2, one line, before any work ----
+
+@pytest.mark.parametrize("flag, value", [("--dataset", "mnist"), ("--arch", "resnet34"), ("--method", "moco"),
+                                         ("--mask_type", "grid")])
+def test_unknown_choice(capsys, tmp_path, flag, value):
+    err = bad_input(capsys, tmp_path, flag, value)
+    assert value in err and flag.lstrip("-") in err
+
+
+@pytest.mark.parametrize("flags, says", [(["--img_size", "36"], "multiple of 8"),              # the U-Net
+                                         (["--arch", "vit_tiny", "--img_size", "40"], "multiple of 16"),
+                                         (["--img_size", "0"], "--img_size")])
+def test_image_size_the_models_cannot_take(capsys, tmp_path, flags, says):
+    assert says in bad_input(capsys, tmp_path, *flags)
+
+
+@pytest.mark.parametrize("n", ["1", "-2"])
+def test_num_masks_one_or_negative(capsys, tmp_path, n):
+    assert f"--num_masks {n}" in bad_input(capsys, tmp_path, "--num_masks", n)
+
+
+def test_batch_too_small_for_a_process(capsys, tmp_path):
+    # --batch_size is per process; BatchNorm and the contrastive loss need two images on each one.
+    assert "at least 2 images per process" in bad_input(capsys, tmp_path, "--batch_size", "1")
+
+
+def test_batch_larger_than_the_dataset(capsys, tmp_path):
+    assert "exceeds the 32 training images" in bad_input(capsys, tmp_path, "--batch_size", "40")
+
+
+def tiny_image_folder(root, splits=("train", "val")):
+    for split in splits:
+        for c, colour in (("cat", "red"), ("dog", "blue")):
+            os.makedirs(root / split / c)
+            for i in range(2):
+                Image.new("RGB", (8, 8), colour).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("layout, says", [("missing", "does not exist"), ("empty", "has no train/ folder"),
+                                          ("no_val", "has no val/ folder")])
+def test_image_folder_missing_empty_or_incomplete(capsys, tmp_path, layout, says):
+    root = tmp_path / layout
+    if layout == "empty":
+        root.mkdir()
+    elif layout == "no_val":
+        tiny_image_folder(root, splits=("train",))
+    err = bad_input(capsys, tmp_path, "--dataset", "imagefolder", "--img_size", "32", "--data_dir", str(root))
+    assert says in err and str(root) in err
+
+
+@pytest.mark.parametrize("name, content", [("broken.jpg", b"these are not JPEG bytes"),
+                                           ("cut.png", "half of a PNG")])
+def test_corrupt_image_is_named(capsys, tmp_path, name, content):
+    root = tiny_image_folder(tmp_path / "images")
+    path = root / "train" / "dog" / name
+    if content == "half of a PNG":
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), "green").save(buf, format="PNG")
+        content = buf.getvalue()[:len(buf.getvalue()) // 2]
+    path.write_bytes(content)
+    err = bad_input(capsys, tmp_path, "--dataset", "imagefolder", "--img_size", "32", "--data_dir", str(root))
+    assert str(path) in err
+
+
+def test_stl10_absent_without_download(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    err = bad_input(capsys, tmp_path, "--dataset", "stl10", "--data_dir", str(tmp_path / "empty"))
+    assert "--download" in err and "by hand" in err and str(tmp_path / "empty" / "stl10_binary") in err
+
+
+def test_download_that_fails_offline(capsys, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)          # never touch the network
+    err = bad_input(capsys, tmp_path, "--dataset", "cifar10", "--download", "--data_dir", str(tmp_path / "d"))
+    assert "download" in err and "failed" in err and "URLError" in err
+    assert "by hand" in err and str(tmp_path / "d" / "cifar-10-batches-py") in err
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    """An output directory holding the checkpoint of a one-step run (N = 4, resnet18, 32 px)."""
+    out = tmp_path_factory.mktemp("one_step") / "out"
+    run(out, "--max_steps", "1")
+    return out
+
+
+@pytest.mark.parametrize("flags, says", [(["--arch", "resnet50"], "--arch resnet18"),
+                                         (["--num_masks", "3"], "--num_masks 4"),
+                                         (["--img_size", "64"], "--img_size 32")])
+def test_resume_with_an_incompatible_checkpoint(capsys, one_step_run, flags, says):
+    with pytest.raises(SystemExit) as e:
+        run(one_step_run, "--resume", *flags)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+
+
+def test_resume_from_an_unreadable_checkpoint(capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoint.pth").write_bytes(b"PK\x03\x04 half a zip")
+    assert "cannot be read" in bad_input(capsys, tmp_path, "--resume")
+
+
+def test_rerunning_the_same_command_resumes(tmp_path):
+    """No --resume needed: an existing checkpoint is continued, never overwritten by a fresh start."""
+    run(tmp_path / "out", "--max_steps", "1")
+    assert run(tmp_path / "out", "--max_steps", "2")["step"] == 2
+
+
+def test_output_dir_that_cannot_be_written(capsys, tmp_path):
+    (tmp_path / "a_file").write_text("")              # a directory below a file: fails even for root
+    assert "cannot be written" in bad_input(capsys, tmp_path, "--output_dir", str(tmp_path / "a_file" / "run"))
+
+
+# ---- faults during training ----
+
+def test_interrupted_save_keeps_the_previous_checkpoint(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(out, "--max_steps", "1")
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):               # half the bytes reach the file, then ENOSPC
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        half = buf.getvalue()[:len(buf.getvalue()) // 2]
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as fh:
+                fh.write(half)
+        else:
+            f.write(half)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(out, "--max_steps", "2", "--resume")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "No space left on device" in err and "Traceback" not in err, err
+    assert ckpt(out)["step"] == 1 and os.listdir(out).count("checkpoint.pth.tmp") == 0
+    monkeypatch.setattr(torch, "save", real_save)
+    assert run(out, "--max_steps", "2", "--resume")["step"] == 2      # train.py itself loads the old one
+
+
+def nan_from_now(monkeypatch, method, stat):
+    """Make ADIOS.<method> report a non-finite loss, and the term `stat` in its stats, from now on."""
+    real = getattr(adios.ADIOS, method)
+
+    def poisoned(self, *args, **kwargs):
+        loss, stats = real(self, *args, **kwargs)
+        return loss * float("nan"), {**stats, stat: float("nan")}
+    monkeypatch.setattr(adios.ADIOS, method, poisoned)
+
+
+@pytest.mark.parametrize("method, stat, term", [("encoder_loss", "ssl_loss", "encoder loss"),
+                                                ("masker_loss", "ssl_loss", "masker loss"),
+                                                ("masker_loss", "penalty", "sparsity penalty")])
+def test_non_finite_loss_stops_without_saving(capsys, tmp_path, monkeypatch, method, stat, term):
+    out = tmp_path / "out"
+    run(out, "--max_steps", "1")
+    before = ckpt(out)
+    nan_from_now(monkeypatch, method, stat)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(out, "--max_steps", "3", "--resume")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"non-finite {term} at step 2" in err and "Traceback" not in err, err
+    after = ckpt(out)
+    assert after["step"] == 1 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    assert len(read_log(out)) == 1
+
+
+def test_non_finite_weights_are_not_saved(capsys, tmp_path, monkeypatch):
+    real_step = train.adios_step
+
+    def spoiling(model, *args):                    # a finite loss, but a step that leaves an infinity
+        stats = real_step(model, *args)
+        with torch.no_grad():
+            model.encoder.conv1.weight[0, 0, 0, 0] = float("inf")
+        return stats
+    monkeypatch.setattr(train, "adios_step", spoiling)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "out", "--max_steps", "1")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "non-finite weights in" in err and "conv1.weight" in err, err
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def assert_identical(a, b, where="checkpoint"):
+    """Bit-for-bit equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_at_an_epoch_boundary_is_bit_identical(tmp_path):
+    # --max_steps stops at the end of epoch 0 with the 2-epoch LR schedule; `--epochs 1` would give
+    # a 1-epoch cosine, a different run by design.
+    one_go, split = tmp_path / "one_go", tmp_path / "split"
+    run(one_go, "--epochs", "2", "--save_every", "1")
+    run(split, "--epochs", "2", "--max_steps", "4")
+    first_half = ckpt(split)
+    run(split, "--epochs", "2", "--resume")
+    keys = ("model", "encoder", "optimizers", "scaler", "epoch", "step")
+    assert_identical({k: first_half[k] for k in keys}, {k: ckpt(one_go, "checkpoint_epoch001.pth")[k] for k in keys})
+    assert_identical({k: ckpt(split)[k] for k in keys}, {k: ckpt(one_go)[k] for k in keys})
+    assert_identical(ckpt(one_go)["model"], ckpt(one_go, "checkpoint_epoch002.pth")["model"])
+    assert ckpt(split)["step"] == 8 and [line["epoch"] for line in read_log(split)] == [0, 1]
+
+
+def test_resume_mid_epoch_trains_the_rest_of_it(tmp_path):
+    out = tmp_path / "out"
+    run(out, "--epochs", "2", "--max_steps", "6")
+    assert (ckpt(out)["epoch"], ckpt(out)["step"]) == (1, 6)
+    run(out, "--epochs", "2", "--resume")
+    assert (ckpt(out)["epoch"], ckpt(out)["step"]) == (2, 8)
+    assert [line["step"] for line in read_log(out)] == [4, 6, 8]
+
+
+def wait_for_first_epoch(out, proc, timeout=180):
+    log, deadline = out / "log.jsonl", time.time() + timeout
+    while not (log.exists() and log.read_text().strip()):
+        assert proc.poll() is None, f"the run ended before its first epoch (rc {proc.returncode})"
+        assert time.time() < deadline, "no epoch logged in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """launch(name, cmd) -> Popen in its own process group, output in files (a pipe could fill up and
+    block the run); whatever still runs when the test ends is killed, workers included."""
+    procs = []
+
+    def start(name, cmd):
+        with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=err, start_new_session=True))
+        return procs[-1]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def finish(tmp_path, name, proc, timeout=300):
+    proc.wait(timeout=timeout)
+    return proc.returncode, (tmp_path / f"{name}.out").read_text(), (tmp_path / f"{name}.err").read_text()
+
+
+def test_sigterm_saves_and_resume_completes(tmp_path, launch):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", *TINY, "--epochs", "4", "--output_dir", str(out)]
+    proc = launch("first", cmd)
+    wait_for_first_epoch(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    rc, stdout, stderr = finish(tmp_path, "first", proc)
+    assert rc == 0 and "stopped by signal" in stdout, stderr[-3000:]
+    assert 4 <= ckpt(out)["step"] < 16
+    rc, _, stderr = finish(tmp_path, "second", launch("second", [*cmd, "--resume"]))
+    assert rc == 0, stderr[-3000:]
+    assert (ckpt(out)["epoch"], ckpt(out)["step"]) == (4, 16) and read_log(out)[-1]["epoch"] == 3
+
+
+def worker_pid(parent, rank):
+    """The pid of the child of `parent` (torchrun) whose environment holds RANK=rank, found through /proc."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])     # the name in (...) may hold spaces
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:                                                  # exited meanwhile
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} under pid {parent}")
+
+
+def test_sigterm_to_one_torchrun_rank_leaves_a_loadable_checkpoint(tmp_path, launch):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *TINY, "--epochs", "20", "--output_dir", str(out)]           # 2 steps an epoch on each rank
+    proc = launch("ddp", cmd)
+    wait_for_first_epoch(out, proc)
+    os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)              # not rank 0, the one that saves
+    rc, stdout, stderr = finish(tmp_path, "ddp", proc)
+    assert rc == 0 and "stopped by signal" in stdout, stderr[-3000:]
+    assert 2 <= ckpt(out)["step"] < 40
