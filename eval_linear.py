@@ -64,7 +64,7 @@ def get_args_parser():
     p.add_argument("--mask_images", type=int, default=256,
                    help="shapes test images for the mask quality of a learned masker (0: skip)")
     # system
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="head init, shuffling, shapes generator")
     p.add_argument("--output", default=None, help="JSON file (default: eval_<dataset>.json beside --ckpt)")

@@ -45,6 +45,15 @@ def test_two_iterations(tmp_path, method, masks, precision):
         assert not list(out.glob("masks_*.png"))
 
 
+@pytest.mark.parametrize("mask_type", ["random", "block"])
+def test_fixed_mask_baselines_train_without_a_masker_step(tmp_path, mask_type):
+    out, log = run(tmp_path, "--mask_type", mask_type, "--max_steps", "2")
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["optimizers"]["masker"] is None and ckpt["args"]["num_masks"] == 1
+    assert "mask_ssl_loss" not in log and 0.25 < log["enc_area_0"] < 0.8     # one slot: the hidden part
+    assert (out / "masks_epoch000.png").exists()
+
+
 def test_resume_continues_from_the_saved_epoch(tmp_path):
     out, _ = run(tmp_path, "--epochs", "1")
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1

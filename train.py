@@ -151,8 +151,8 @@ def resolve_args(args):
     if args.dataset == "shapes" and args.stem is None:
         args.stem = "standard"
     args.stem = args.stem or "auto"
-    if args.mask_type != "adios" and "num_masks" not in recipe:
-        args.num_masks = 1          # fixed masks: one slot, the hidden part
+    if args.mask_type != "adios":
+        args.num_masks = 1          # fixed random/block masks: one slot, the hidden part
     return args
 
 
@@ -254,16 +254,12 @@ def build_model(args, num_classes, world=1, device=torch.device("cpu")):
         masker = BlockMasker(args.img_size)
     else:
         masker = Masker(args.num_masks, args.img_size, args.mask_channels, args.mask_norm) if args.num_masks else None
-    sync_bn = world > 1 and device.type == "cuda"
     model = ADIOS(encoder, feat_dim, masker, method=args.method, alpha=args.alpha, temperature=args.temperature,
                   single_mask=args.single_mask, proj_hidden_dim=args.proj_hidden_dim,
                   proj_output_dim=args.proj_output_dim, pred_hidden_dim=args.pred_hidden_dim,
                   num_classes=num_classes, simsiam_unmasked=args.simsiam_unmasked,
                   simsiam_masked_targets=args.simsiam_masked_targets,
-                  simsiam_both_masked=args.simsiam_both_masked, gather_negatives=not args.no_gather,
-                  batch_slots=not sync_bn)      # SyncBatchNorm has no per-slot statistics: one call per slot
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                  simsiam_both_masked=args.simsiam_both_masked, gather_negatives=not args.no_gather)
     model.to(device)
     if args.channels_last:
         model.net.to(memory_format=torch.channels_last)
@@ -271,8 +267,9 @@ def build_model(args, num_classes, world=1, device=torch.device("cpu")):
         model.net.encoder.compile()
         if isinstance(model.masker, Masker):
             model.masker.compile()
-    if world > 1:
-        model.distribute(device_ids=[device.index] if device.type == "cuda" else None)
+    if world > 1:      # SyncBatchNorm (per slot) on GPUs: statistics over the global batch
+        on_gpu = device.type == "cuda"
+        model.distribute(device_ids=[device.index] if on_gpu else None, sync_batchnorm=on_gpu)
     return model
 
 
@@ -505,12 +502,12 @@ def load_resume(path, args):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                    # truncated, not a checkpoint, unreadable
-        fail(f"--resume: {path} cannot be read ({type(e).__name__}); delete it or restore a copy")
+        fail(f"cannot resume: {path} cannot be read ({type(e).__name__}); delete it or restore a copy")
     if not isinstance(ckpt, dict) or not {"model", "optimizers", "epoch", "step", "args"} <= ckpt.keys():
-        fail(f"--resume: {path} is not a checkpoint of train.py; move it away or choose another --output_dir")
+        fail(f"cannot resume: {path} is not a checkpoint of train.py; move it away or choose another --output_dir")
     for key in ("arch", "num_masks", "img_size", "method", "mask_type", "mask_channels", "stem"):
         if ckpt["args"].get(key) != getattr(args, key):
-            fail(f"--resume: {path} was made with --{key} {ckpt['args'].get(key)}, this run has "
+            fail(f"cannot resume: {path} was made with --{key} {ckpt['args'].get(key)}, this run has "
                  f"{getattr(args, key)}; use the same value or another --output_dir")
     return ckpt
 
