@@ -3,7 +3,7 @@
 Shi, Siddharth, Torr, Kosiorek, "Adversarial Masking for Self-Supervised Learning", ICML 2022.
 The inference model f_θ (encoder + heads) minimises Σ_n L_ssl(f(x_a), f(x_b ⊙ (1 − m_n))); the
 occlusion model M_φ (masker.py) maximises the same sum minus α times a sparsity penalty. The two
-take alternating steps on the same batch (Sec. 2.3; ADIOS_SPEC.md §1). README: "Reading guide".
+take alternating steps on the same batch (Sec. 2; ADIOS_SPEC.md §1). README: "Reading guide".
 
 This file takes its encoder and masker as arguments; it imports only the head builders of encoders.py.
 """
@@ -115,7 +115,7 @@ def sparsity_penalty(masks):
 
 
 def occlude(x, hide):
-    """The masked view x ⊙ (1 − m) (ADIOS Eq. 1): x (B, 3, H, W) normalised, hide (B, 1, H, W).
+    """The masked view x ⊙ (1 − m) (ADIOS Sec. 2): x (B, 3, H, W) normalised, hide (B, 1, H, W).
 
     Hidden pixels become 0, the dataset's mean colour after normalisation. hide=None: no mask.
     """
@@ -125,7 +125,7 @@ def occlude(x, hide):
 def slots_to_hide(masks, single_mask):
     """The masks the SSL loss is summed over: a list of (B, 1, H, W), or [None] without a masker.
 
-    ADIOS: all N slots. ADIOS-s (Sec. 3.3): one slot per image, drawn uniformly at random afresh
+    ADIOS: all N slots. ADIOS-s (the paper's lightweight variant): one slot per image, drawn uniformly at random afresh
     on every call, so the SSL loss is computed once instead of N times.
     """
     if masks is None:
@@ -246,7 +246,7 @@ class ADIOS(nn.Module):
 
     encoder:      backbone (B, 3, H, W) → (B, feat_dim), e.g. from encoders.build_encoder.
     masker:       M_φ (masker.Masker) or None for the plain base method (N = 0).
-    method:       "simclr", "byol" or "simsiam" (the base SSL method, Sec. 3).
+    method:       "simclr", "byol" or "simsiam" (the base SSL method).
     alpha:        α, weight of the sparsity penalty in the masker's objective.
     temperature:  T of SimCLR's NT-Xent.
     single_mask:  ADIOS-s: one random slot per image instead of all N.
@@ -412,7 +412,7 @@ class ADIOS(nn.Module):
         return sum(terms) / len(terms)
 
     def ssl_sum(self, net, clean, x_a, x_b, m_a, m_b):
-        """Σ_n L_ssl over the slots (a sum, not a mean: ADIOS Eq. 2; the released lrs assume it)."""
+        """Σ_n L_ssl over the slots (a sum, not a mean, as in the paper; the released lrs assume it)."""
         hides_b = slots_to_hide(m_b, self.single_mask)
         hides_a = slots_to_hide(m_a, self.single_mask) if m_a is not None else [None] * len(hides_b)
         return sum(self.slot_loss(clean, masked) for masked in self.encode_masked(net, x_a, x_b, hides_a, hides_b))
@@ -437,7 +437,7 @@ class ADIOS(nn.Module):
         values = torch.stack([v.to(values[0].device) for v in values]).tolist()
         return dict(zip(names, values))
 
-    # ---- the two objectives (Sec. 2.3) ----
+    # ---- the two objectives (Sec. 2) ----
 
     def encoder_loss(self, x_a, x_b, labels=None):
         """The inference model's loss Σ_n L_ssl(f(x_a), f(x_b ⊙ (1 − m_n))), masks held constant.
@@ -460,7 +460,7 @@ class ADIOS(nn.Module):
         return loss, self.stats(ssl, penalty, m_a, m_b, extra)
 
     def masker_loss(self, x_a, x_b):
-        """The occlusion model's loss −Σ_n L_ssl + α·P (it maximises the SSL loss, Eq. 2–3).
+        """The occlusion model's loss −Σ_n L_ssl + α·P (it maximises the SSL loss; Sec. 2).
 
         f_θ is frozen for the whole step: the gradient passes through it to the masks and stops
         there. The clean view does not depend on the masks: encoded once, without gradient.

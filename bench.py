@@ -6,7 +6,7 @@
     python bench.py --method byol --precision fp32 --steps 5      # any recipe flag of train.py's kind
     python bench.py --loader                 # the input pipeline alone: CPU workers vs GPUAugment
 
-One iteration = the encoder step + the masker step (Sec. 2.3). "ours" is train.adios_step exactly as
+One iteration = the encoder step + the masker step (Sec. 2). "ours" is train.adios_step exactly as
 train.py runs it (clean view encoded once per step, the N masked views as one batch with per-slot
 BatchNorm statistics, autocast, channels_last on CUDA); "released" is a transcription of the released
 code's schedule built from the same modules and the same adios.py losses: fp32, one call per slot, the
@@ -130,7 +130,7 @@ def released_masker_loss(model, x_a, x_b):
         m_a, m_b = released_masks(model, x_a, x_b)
         ssl = sum(released_slot_loss(model, x_a, x_b, m_a[:, n:n + 1] if m_a is not None else None,
                                      m_b[:, n:n + 1])[0] for n in range(m_b.shape[1]))
-    penalty = sparsity_penalty(m_b) + (sparsity_penalty(m_a) if m_a is not None else 0)   # Eq. (3)
+    penalty = sparsity_penalty(m_b) + (sparsity_penalty(m_a) if m_a is not None else 0)   # Eq. (3), Sec. 2.3
     return -ssl + model.alpha * penalty
 
 

@@ -1,6 +1,6 @@
 """The occlusion model M_φ of ADIOS: a small U-Net that splits every image into N soft masks.
 
-Shi et al., "Adversarial Masking for Self-Supervised Learning", ICML 2022, Sec. 2.2 and App. B;
+Shi et al., "Adversarial Masking for Self-Supervised Learning", ICML 2022;
 the architecture below is the one of the released code (ADIOS_SPEC.md §2). README: "Reading guide".
 Needs only torch: copy this file alone if you want the mask generator elsewhere.
 """
@@ -105,7 +105,7 @@ def check_masker_args(num_masks, img_size, base_channels, norm, num_blocks):
                          "groups: use a multiple of 8 (8, 16, 32, 64, 128) or norm 'in'/'none'")
 
 
-# ---- mask-scheme baselines (ADIOS Sec. 4; ADIOS_SPEC.md §8) ----------------------------------
+# ---- mask-scheme baselines (the paper's comparison of masking schemes) ----------------------------------
 # Drop-in replacements for the learned masker in ADIOS's masker slot: forward(x) returns ONE slot
 # to hide, (B, 1, H, W), float 0/1 with 1 = hidden, so `occlude` computes x·(1 − m). They have no
 # parameters and are never trained (there is no mask step), and they look at x only for its

@@ -1,4 +1,4 @@
-"""Train ADIOS: the inference model and the occlusion model take alternating steps (Sec. 2.3).
+"""Train ADIOS: the inference model and the occlusion model take alternating steps (Sec. 2).
 
     python train.py                                            # CPU, embedded shapes data, minutes
     python train.py --dataset stl10 --download                 # one GPU, the STL10 SimCLR recipe
@@ -60,7 +60,7 @@ RECIPES = {
 # Released runs all use LARS and a 10-epoch warmup; these apply to every recipe.
 RECIPE_COMMON = dict(optimizer="lars", warmup_epochs=10)
 # Without a recipe (the CPU demo on shapes, or any other combination).
-DEFAULTS = dict(epochs=8, batch_size=64, lr=0.3, mask_lr=0.05, weight_decay=1e-5, alpha=1.0, num_masks=4,
+DEFAULTS = dict(epochs=6, batch_size=64, lr=0.3, mask_lr=0.05, weight_decay=1e-5, alpha=1.0, num_masks=4,
                 mask_channels=16, mask_norm="gn", single_mask=False, proj_hidden_dim=512, pred_hidden_dim=None,
                 proj_output_dim=128, simsiam_unmasked=False, jitter=None, optimizer="lars", warmup_epochs=1,
                 img_size=None, stem=None)
@@ -83,6 +83,8 @@ def get_args_parser():
     g.add_argument("--num_images", type=int, default=None, help="shapes: images generated (4096); "
                    "others: use only the first K images (smoke runs)")
     g.add_argument("--workers", type=int, default=2, help="data-loading processes per GPU/process")
+    g.add_argument("--jitter", type=float, nargs=4, default=S, metavar=("B", "C", "S", "H"),
+                   help="colour jitter strengths (default: the dataset's; 0.8 0.8 0.8 0.2 as in the paper)")
     g.add_argument("--gpu_aug", action="store_true", help="keep the uint8 dataset on the device and augment "
                    "there (shapes, stl10, cifar: STL10 takes 2.9 GB); no CPU workers")
     g = p.add_argument_group("model: the inference model f_θ")
@@ -278,7 +280,7 @@ def build_optimizers(model, args):
     net = model.net
     groups = param_groups(net.encoder, args.lr, args.weight_decay) + \
         param_groups(net.projector, args.lr, args.weight_decay)
-    if net.predictor is not None:       # SimSiam's predictor keeps its rate (SimSiam Sec. 4.4; spec §4)
+    if net.predictor is not None:       # SimSiam's predictor keeps its rate (as in SimSiam)
         groups += param_groups(net.predictor, args.lr, args.weight_decay, fixed_lr=args.method == "simsiam")
     if net.classifier is not None:      # the online probe: its own rate, no decay (LARS tames its steps)
         groups += param_groups(net.classifier, args.classifier_lr, 0.0)
@@ -302,7 +304,7 @@ def save_checkpoint(state, path):
         os.replace(tmp, path)              # atomic: readers see the old checkpoint or the new, never half
     except OSError as e:
         print(f"train.py: error: cannot write {path} ({e.strerror or e}); the previous checkpoint is intact: "
-              "free some space and rerun with --resume", file=sys.stderr)
+              "free some space and rerun the same command", file=sys.stderr)
         sys.exit(1)
     finally:
         if os.path.exists(tmp):
@@ -399,17 +401,17 @@ def agree(flags, world, device):
 
 
 def adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp):
-    """One ADIOS iteration on one batch (Sec. 2.3): the encoder step, then the masker step.
+    """One ADIOS iteration on one batch (Sec. 2): the encoder step, then the masker step.
 
     Returns the two objectives' stats dicts (the masker's is empty without a masker step).
     """
-    # Encoder step: f_θ minimises Σ_n L_ssl with the masks fixed (Eq. 2), plus the online probe.
+    # Encoder step: f_θ minimises Σ_n L_ssl with the masks fixed (Sec. 2), plus the online probe.
     with amp():
         loss, enc = model.encoder_loss(x_a, x_b, labels)
     opt_enc.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()          # fp16: scale the loss so small gradients do not underflow
     scaler.step(opt_enc)                   # unscales first; skips the step if a gradient overflowed
-    # Masker step: M_φ minimises −Σ_n L_ssl + α·P through the just-updated, frozen f_θ (Eq. 2–3).
+    # Masker step: M_φ minimises −Σ_n L_ssl + α·P through the just-updated, frozen f_θ (Sec. 2).
     msk = {}
     if opt_mask is not None:
         with amp():
@@ -597,7 +599,7 @@ def main(argv=None):
             loader.sampler.set_epoch(epoch)
             # Resuming mid-epoch: skip, unloaded, the images of this epoch's order already trained on.
             loader.sampler.start = (step - epoch * steps_per_epoch) * args.batch_size
-            start_time = time.time()
+            start_time, start_step = time.time(), step
             stats, step = train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, last_step,
                                           schedule, args, device, stop, is_main)
             loader.sampler.start = 0
@@ -610,7 +612,7 @@ def main(argv=None):
                       "--precision fp32", file=sys.stderr)
                 sys.exit(1)
             if is_main:
-                seen = (step - epoch * steps_per_epoch) * args.batch_size * world
+                seen = (step - start_step) * args.batch_size * world
                 log = dict(epoch=epoch, step=step, **stats, images_per_s=seen / (time.time() - start_time),
                            online_top1=probe_top1(model, val_loader, device, amp()))
                 if model.masker is not None:
@@ -630,7 +632,7 @@ def main(argv=None):
                 stop["signal"] = stop["signal"] or "on another rank"
                 if is_main:
                     print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, "
-                          "rerun the same command with --resume to continue")
+                          "rerun the same command to continue")
                 break
     finally:
         for s, h in handlers.items():
