@@ -5,7 +5,8 @@ The inference model f_θ (encoder + heads) minimises Σ_n L_ssl(f(x_a), f(x_b �
 occlusion model M_φ (masker.py) maximises the same sum minus α times a sparsity penalty. The two
 take alternating steps on the same batch (Sec. 2; ADIOS_SPEC.md §1). README: "Reading guide".
 
-This file takes its encoder and masker as arguments; it imports only the head builders of encoders.py.
+This file takes its encoder and masker as arguments; from encoders.py it takes the heads and the
+per-slot BatchNorm that lets the N masked views share one forward call.
 """
 import contextlib
 import copy
@@ -17,7 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoders import byol_mlp, simclr_projector, simsiam_predictor, simsiam_projector
+from encoders import (byol_mlp, convert_to_slot_batchnorm, simclr_projector, simsiam_predictor,
+                      simsiam_projector, slot_statistics)
 
 METHODS = ("simclr", "byol", "simsiam")
 
@@ -137,68 +139,6 @@ def slots_to_hide(masks, single_mask):
     return [masks[:, n:n + 1] for n in range(N)]
 
 
-
-# ---- per-slot BatchNorm statistics for batched slots ------------------------------------------
-
-class SlotBatchNormMixin:
-    """BatchNorm that can treat its batch as `slots` equal parts, each normalised with its own
-    batch statistics: exactly what `slots` separate forward calls in train mode compute.
-
-    The paper's loop encodes each masked view separately, so BatchNorm sees per-slot statistics;
-    stacking the slots into one batch lets every other layer run once on S·B images, while
-    BatchNorm still runs once per slot (in order, so the running averages match the loop's too).
-    With slots == 1, or in eval mode, this is the plain BatchNorm. State-dict keys are BatchNorm's.
-    """
-    slots = 1
-
-    def forward(self, x):                                     # x: (S·B, C, ...)
-        if self.slots == 1 or not self.training:
-            return super().forward(x)
-        batch_norm = super().forward
-        return torch.cat([batch_norm(part) for part in x.chunk(self.slots)])   # slot by slot, in order
-
-
-class SlotBatchNorm1d(SlotBatchNormMixin, nn.BatchNorm1d):
-    pass
-
-
-class SlotBatchNorm2d(SlotBatchNormMixin, nn.BatchNorm2d):
-    pass
-
-
-class SlotSyncBatchNorm(SlotBatchNormMixin, nn.SyncBatchNorm):
-    """Per-slot statistics synchronised across GPUs: SyncBatchNorm run once per slot."""
-
-
-def convert_to_slot_batchnorm(module, sync=False):
-    """Replace every BatchNorm1d/2d in module (or its Slot version) by SlotBatchNorm1d/2d, or by
-    SlotSyncBatchNorm with sync=True, keeping parameters and buffers."""
-    for name, child in module.named_children():
-        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            kind = SlotSyncBatchNorm if sync else SlotBatchNorm1d if isinstance(child, nn.BatchNorm1d) else SlotBatchNorm2d
-        else:
-            convert_to_slot_batchnorm(child, sync)
-            continue
-        new = kind(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-        ref = child.running_mean if child.running_mean is not None else child.weight   # dtype and device
-        if ref is not None:
-            new.to(ref.device, ref.dtype)
-        new.load_state_dict(child.state_dict())
-        setattr(module, name, new)
-    return module
-
-
-@contextlib.contextmanager
-def slot_statistics(module, slots):
-    """Inside the block, every SlotBatchNorm in module treats its batch as `slots` parts."""
-    layers = [m for m in module.modules() if isinstance(m, SlotBatchNormMixin)]
-    for m in layers:
-        m.slots = slots
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.slots = 1
 
 @contextlib.contextmanager
 def frozen(module):

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from adios import (ADIOS, SlotBatchNorm2d, SlotSyncBatchNorm, byol_tau, convert_to_slot_batchnorm, simclr_loss, slot_statistics,
-                   sparsity_penalty)
+from adios import ADIOS, byol_tau, simclr_loss, sparsity_penalty
+from encoders import SlotBatchNorm2d, SlotSyncBatchNorm, convert_to_slot_batchnorm, slot_statistics
 from encoders import build_encoder
 from masker import Masker
 
