@@ -30,6 +30,7 @@ from tqdm import tqdm
 import data
 from adios import ADIOS, METHODS, byol_tau
 from encoders import ARCHS, STEMS, build_encoder
+from eval_linear import shapes_mask_quality
 from masker import NORMS, BlockMasker, Masker, RandomPatchMasker, check_masker_args
 
 # The released runs (ADIOS_SPEC.md §7). A flag given on the command line wins over these.
@@ -360,18 +361,6 @@ class Averager:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
-@torch.no_grad()
-def mask_quality_on(model, val_set, device, count=256):
-    """ARI and best-IoU of the masks against the true objects, on datasets that have them (shapes)."""
-    if not hasattr(val_set, "object_map") or not isinstance(model.masker, Masker):
-        return {}
-    from eval_linear import mask_quality
-    idx = range(min(count, len(val_set)))
-    images = torch.stack([val_set[i][0] for i in idx]).to(device)              # (B, 3, H, W)
-    objects = torch.stack([torch.as_tensor(val_set.object_map(i)) for i in idx])  # (B, H, W)
-    return {f"mask_{k}": v for k, v in mask_quality(model.masker(images).float().cpu(), objects).items()}
-
-
 def set_learning_rates(optimizer, step, warmup, total):
     for group in optimizer.param_groups:
         if not group.get("fixed_lr"):
@@ -615,8 +604,10 @@ def main(argv=None):
                 seen = (step - start_step) * args.batch_size * world
                 log = dict(epoch=epoch, step=step, **stats, images_per_s=seen / (time.time() - start_time),
                            online_top1=probe_top1(model, val_loader, device, amp()))
+                if args.dataset == "shapes" and isinstance(model.masker, Masker):      # true objects known
+                    quality = shapes_mask_quality(model.masker, min(256, len(val_set)), device, seed=args.seed)
+                    log.update({f"mask_{k}": v for k, v in quality.items()})
                 if model.masker is not None:
-                    log.update(mask_quality_on(model, val_set, device))
                     save_mask_picture(model, fixed, info["mean"], info["std"],
                                       os.path.join(args.output_dir, f"masks_epoch{epoch:03d}.png"))
                 with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
