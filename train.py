@@ -496,7 +496,9 @@ def load_resume(path, args):
         fail(f"cannot resume: {path} cannot be read ({type(e).__name__}); delete it or restore a copy")
     if not isinstance(ckpt, dict) or not {"model", "optimizers", "epoch", "step", "args"} <= ckpt.keys():
         fail(f"cannot resume: {path} is not a checkpoint of train.py; move it away or choose another --output_dir")
-    for key in ("arch", "num_masks", "img_size", "method", "mask_type", "mask_channels", "stem"):
+    # The model's shape, and what fixes the step ↔ (epoch, image) mapping that resume relies on.
+    for key in ("arch", "num_masks", "img_size", "method", "mask_type", "mask_channels", "stem",
+                "dataset", "num_images", "batch_size"):
         if ckpt["args"].get(key) != getattr(args, key):
             fail(f"cannot resume: {path} was made with --{key} {ckpt['args'].get(key)}, this run has "
                  f"{getattr(args, key)}; use the same value or another --output_dir")
