@@ -23,7 +23,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
