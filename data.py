@@ -244,7 +244,8 @@ def find_bad_images(root, limit=None):
     DataError naming the first one PIL cannot parse. Returns how many were checked.
 
     Image.verify() reads the file's structure without decoding the pixels: about 0.1 ms a file, so a whole
-    ImageNet100 folder takes a minute or two; pass limit for a quicker spot check.
+    ImageNet100 folder takes a minute or two; pass limit for a quicker spot check. verify() passes a
+    truncated JPEG, so a JPEG whose last bytes lack the end-of-image marker is decoded in full as well.
     """
     checked = 0
     for dirpath, dirnames, files in os.walk(root, followlinks=True):
@@ -258,11 +259,24 @@ def find_bad_images(root, limit=None):
             try:
                 with Image.open(path) as img:
                     img.verify()
+                if _jpeg_without_end(path):
+                    with Image.open(path) as img:
+                        img.load()                  # raises OSError "image file is truncated"
             except Exception as e:  # PIL raises OSError, SyntaxError, struct.error... depending on the format
                 raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e}); "
                                 "delete or replace it") from e
             checked += 1
     return checked
+
+
+def _jpeg_without_end(path):
+    """True for a JPEG file whose last 64 bytes lack the end-of-image marker FF D9 (cut short, or padded)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":                      # not a JPEG
+            return False
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64))
+        return b"\xff\xd9" not in f.read()
 
 
 def _image_folder(data_dir, split, transform):

@@ -163,6 +163,15 @@ def test_find_bad_images(tmp_path):
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"this is not a jpeg")
     with pytest.raises(data.DataError, match="broken.jpg"):
         data.find_bad_images(str(root))
+    (root / "train" / "dog" / "broken.jpg").unlink()
+    # A JPEG cut short passes PIL's verify(); the missing end marker sends it to a full decode.
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    noise.save(root / "train" / "cat" / "whole.jpg")
+    assert data.find_bad_images(str(root)) == 9
+    whole = (root / "train" / "cat" / "whole.jpg").read_bytes()
+    (root / "train" / "cat" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(data.DataError, match="cut.jpg.*truncated"):
+        data.find_bad_images(str(root))
 
 
 def test_build_loader_drop_last():
