@@ -24,14 +24,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import eval_linear
 import train
 from adios import METHODS, byol_loss, frozen, occlude, probe_loss, simclr_loss, sparsity_penalty, symmetric_simsiam
 from encoders import ARCHS, STEMS
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("ADIOS benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.Parser("bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run (unset flags: train.py's recipe for --dataset, as train.py would)")
     g.add_argument("--dataset", default=None, help="picks the recipe and --loader's data (default: stl10 on "
                    "CUDA, shapes on CPU; --loader falls back to shapes when the files are absent)")
@@ -159,7 +159,7 @@ def train_args(a, device):
     args.img_size = a.img_size or data.dataset_info(a.dataset)["img_size"]
     train.check_args(args)                                    # one line and exit 2 on what cannot be built
     if args.num_masks < 2:
-        raise SystemExit("bench.py: error: --num_masks must be at least 2: the schedules differ in their slots")
+        train.fail("--num_masks must be at least 2: the two schedules differ in how they run the slots")
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     args.precision = a.precision or ("bf16" if bf16 else "fp32")
     args.channels_last = device.type == "cuda" if a.channels_last is None else a.channels_last
@@ -354,7 +354,21 @@ def bench_loader(a, device):
 # ---- main ---------------------------------------------------------------------------------------
 
 def main(argv=None):
-    a = get_args_parser().parse_args(argv)
+    prog, train.PROG = train.PROG, "bench.py"     # train.py's input checks, reused here, speak as bench.py
+    try:
+        a = get_args_parser().parse_args(argv)
+        if eval_linear.device_problem(a.device):
+            train.fail(eval_linear.device_problem(a.device))
+        for flag in ("steps", "repeats", "threads", "warmup"):
+            least = 0 if flag == "warmup" else 1
+            if getattr(a, flag) is not None and getattr(a, flag) < least:
+                train.fail(f"--{flag} {getattr(a, flag)}: must be at least {least}")
+        return run(a)
+    finally:
+        train.PROG = prog
+
+
+def run(a):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if not cuda:

@@ -36,8 +36,39 @@ from masker import Masker
 KNN_K, KNN_T = 20, 0.07                   # fixed kNN neighbours and temperature (spec §8)
 
 
+def device_problem(name):
+    """Why --device `name` cannot be used on this machine, in one line, or None if it can (None = auto).
+    train.py and bench.py ask this too, so no flag reaches torch as a device it cannot open."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name}: not a device name; use cpu, cuda or cuda:K"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {name}: only cpu and cuda are supported"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return (f"--device {name}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                "use --device cpu, or install a CUDA build of torch")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        return f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+    return None
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):              # one line, exit 2 (argparse would print the usage first)
+        fail(message)
+
+
+def fail(message):
+    """One line on stderr and exit code 2, like argparse's own errors: no traceback for user mistakes."""
+    print(f"eval_linear.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("eval_linear.py", description=__doc__.split("\n")[0])
+    p = Parser("eval_linear.py", description=__doc__.split("\n")[0])
     # encoder: a checkpoint of train.py, or an untrained one
     p.add_argument("--ckpt", help="checkpoint written by train.py (its `encoder` and `args` are used)")
     p.add_argument("--random_init", action="store_true", help="evaluate an untrained encoder (the floor)")
@@ -70,12 +101,6 @@ def get_args_parser():
     p.add_argument("--output", default=None, help="JSON file (default: eval_<dataset>.json beside --ckpt)")
     p.add_argument("--output_dir", default=None, help="where --random_init writes (default runs/random_<arch>)")
     return p
-
-
-def fail(message):
-    """One line on stderr and exit code 2, like argparse's own errors: no traceback for user mistakes."""
-    print(f"eval_linear.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ---- the frozen encoder (and masker) from a checkpoint ---------------------------------------
@@ -285,6 +310,8 @@ def main(argv=None):
         parser.error("give exactly one of --ckpt and --random_init")
     if args.random_init and args.arch is None:
         parser.error("--random_init needs --arch (e.g. --arch resnet18 --img_size 32 --stem standard)")
+    if device_problem(args.device):
+        fail(device_problem(args.device))
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
     torch.manual_seed(args.seed)
     device = torch.device(args.device)

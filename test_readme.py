@@ -94,3 +94,17 @@ def test_readme_is_short_and_every_file_points_to_it():
         if not path.name.startswith(("test_", "conftest")):
             doc = ast.get_docstring(ast.parse(path.read_text()))
             assert doc and "README" in doc, f"{path.name}'s docstring does not point to README"
+
+
+def test_gpu_check_script_commands_parse():
+    """.ci/gpu_check is run only on a lent GPU: its commands must still parse here, so it cannot rot."""
+    lines = (ROOT / ".ci" / "gpu_check").read_text().splitlines()
+    found = 0
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        if "python3" in words and words[words.index("python3") + 1].endswith(".py"):
+            i = words.index("python3") + 1
+            parser = {"bench.py": bench.get_args_parser, "train.py": train.get_args_parser}[words[i]]()
+            parser.parse_args(words[i + 1:])
+            found += 1
+    assert found == 3

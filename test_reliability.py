@@ -63,6 +63,29 @@ def test_num_masks_one_or_negative(capsys, tmp_path, n):
     assert f"--num_masks {n}" in bad_input(capsys, tmp_path, "--num_masks", n)
 
 
+@pytest.mark.parametrize("device, says", [("tpu", "not a device name"), ("mps", "only cpu and cuda"),
+                                          ("cuda:99", "cuda:99")])
+def test_device_this_machine_cannot_open(capsys, tmp_path, device, says):
+    assert says in bad_input(capsys, tmp_path, "--device", device)
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("bench", ["--steps", "0"], "--steps 0"),
+    ("bench", ["--num_masks", "0"], "--num_masks"),
+    ("bench", ["--device", "cuda:99"], "cuda:99"),
+    ("bench", ["--arch", "resnet34"], "--arch"),
+    ("eval_linear", ["--random_init"], "--arch"),
+    ("eval_linear", ["--ckpt", "x.pth", "--device", "cuda:99"], "cuda:99"),
+    ("eval_linear", ["--bogus"], "--bogus")])
+def test_bench_and_eval_answer_bad_input_in_one_line(capsys, script, argv, says):
+    main = __import__(script).main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"{script}.py: error: ") and says in err, err
+
+
 def test_batch_too_small_for_a_process(capsys, tmp_path):
     # --batch_size is per process; BatchNorm and the contrastive loss need two images on each one.
     assert "at least 2 images per process" in bad_input(capsys, tmp_path, "--batch_size", "1")
@@ -138,6 +161,17 @@ def test_resume_with_an_incompatible_checkpoint(capsys, one_step_run, flags, say
         run(one_step_run, "--resume", *flags)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+
+
+def test_resume_on_another_number_of_processes(capsys, one_step_run, tmp_path):
+    # The global batch fixes which images a step trained on: a mid-epoch resume on 4 GPUs of a 2-GPU run
+    # would skip the wrong ones, so it is refused like a different --batch_size.
+    state = ckpt(one_step_run)
+    assert state["args"]["world_size"] == 1
+    state["args"]["world_size"] = 2
+    (tmp_path / "out").mkdir()
+    torch.save(state, tmp_path / "out" / "checkpoint.pth")
+    assert "made by 2 processes, this run has 1" in bad_input(capsys, tmp_path)
 
 
 def test_resume_from_an_unreadable_checkpoint(capsys, tmp_path):

@@ -128,3 +128,38 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     diff = float(result.stdout.split("MAX_RANK_DIFF")[1].split()[0])
     assert diff == 0.0
     assert (tmp_path / "ddp" / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_channels_last_changes_the_layout_not_the_gradients(method):
+    # The CUDA default, checked on CPU in float64: NHWC weights and inputs give both players the same
+    # losses and gradients (no reshape in adios.py or masker.py may depend on the memory layout).
+    args = train.resolve_args(train.get_args_parser().parse_args([*TINY, "--method", method]))
+    args.img_size = 32
+    g = torch.Generator().manual_seed(0)
+    x_a, x_b = torch.randn(2, 8, 3, 32, 32, generator=g, dtype=torch.float64)
+    results = []
+    for channels_last in (False, True):
+        args.channels_last = channels_last
+        torch.manual_seed(0)
+        model = train.build_model(args, num_classes=4).double()
+        views = [x.contiguous(memory_format=torch.channels_last) if channels_last else x for x in (x_a, x_b)]
+        enc_loss, _ = model.encoder_loss(*views)
+        enc_loss.backward()
+        mask_loss, _ = model.masker_loss(*views)
+        model.masker.zero_grad()
+        mask_loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((enc_loss.item(), mask_loss.item(), grads))
+    (enc0, mask0, g0), (enc1, mask1, g1) = results
+    assert enc1 == pytest.approx(enc0, rel=1e-12) and mask1 == pytest.approx(mask0, rel=1e-12)
+    assert g0.keys() == g1.keys() and any(n.startswith("masker.") for n in g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fp16_with_gradient_scaling_and_gpu_augmentation(tmp_path):
+    out, log = run(tmp_path, "--max_steps", "2", "--precision", "fp16", "--gpu_aug", "--channels_last")
+    assert log["step"] == 2 and all(map(torch.isfinite, map(torch.tensor, (log["enc_ssl_loss"], log["mask_ssl_loss"]))))
+    scaler = torch.load(out / "checkpoint.pth", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0                       # the GradScaler's state is saved for resume

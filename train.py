@@ -29,33 +29,27 @@ from tqdm import tqdm
 import data
 from adios import ADIOS, METHODS, byol_tau
 from encoders import ARCHS, STEMS, build_encoder
-from eval_linear import shapes_mask_quality
+from eval_linear import device_problem, shapes_mask_quality
 from masker import NORMS, BlockMasker, Masker, RandomPatchMasker, check_masker_args
 
-# The released runs (ADIOS_SPEC.md §7). A flag given on the command line wins over these.
-RECIPES = {
-    ("stl10", "simclr", "resnet18"): dict(epochs=400, batch_size=256, lr=0.132, mask_lr=0.0195, weight_decay=8.5e-5,
-                                          alpha=0.0, num_masks=6, mask_channels=128, proj_hidden_dim=2048,
-                                          proj_output_dim=256),
-    ("stl10", "byol", "resnet18"): dict(epochs=400, batch_size=128, lr=0.292, mask_lr=0.0928, weight_decay=9.9e-6,
-                                        alpha=1.72, num_masks=6, mask_channels=64, proj_hidden_dim=4096,
-                                        pred_hidden_dim=8192, proj_output_dim=256),
-    ("stl10", "simsiam", "resnet18"): dict(epochs=400, batch_size=128, lr=0.444, mask_lr=0.0383, weight_decay=7.2e-6,
-                                           alpha=1.0, num_masks=6, mask_channels=32, proj_hidden_dim=2048,
-                                           pred_hidden_dim=512, proj_output_dim=256, simsiam_unmasked=True,
-                                           jitter=[0.55, 0.48, 0.58, 0.2]),
-    ("stl10", "simclr", "vit_tiny"): dict(epochs=200, batch_size=128, lr=0.103, mask_lr=0.0941, weight_decay=1e-4,
-                                          alpha=0.39, num_masks=4, mask_channels=32, proj_hidden_dim=2048,
-                                          proj_output_dim=128),
-    ("imagenet100_96", "simclr", "resnet18"): dict(epochs=500, batch_size=128, lr=0.111, mask_lr=0.0145,
-                                                   weight_decay=1e-4, alpha=0.92, num_masks=4, mask_channels=32,
-                                                   mask_norm="in", proj_hidden_dim=2048, proj_output_dim=128),
-    ("imagenet100_96", "byol", "resnet18"): dict(epochs=500, batch_size=128, lr=0.241, mask_lr=0.066,
-                                                 weight_decay=1e-5, alpha=0.40, num_masks=6, mask_channels=16,
-                                                 proj_hidden_dim=4096, pred_hidden_dim=8192, proj_output_dim=256),
-    ("imagenet100_224", "simclr", "resnet18"): dict(epochs=400, batch_size=128, lr=0.190, mask_lr=0.499,
-                                                    weight_decay=1e-4, alpha=0.75, num_masks=4, mask_channels=8,
-                                                    single_mask=True, proj_hidden_dim=2048, proj_output_dim=128),
+# The released runs, as the table of ADIOS_SPEC.md §7 (one GPU each; the batch is per GPU here).
+# A flag given on the command line wins over these.
+RECIPE_COLUMNS = ("epochs", "batch_size", "lr", "mask_lr", "weight_decay", "alpha", "num_masks", "mask_channels",
+                  "proj_hidden_dim", "pred_hidden_dim", "proj_output_dim")
+RECIPES = {  #                                   ep   B    lr     mask_lr wd      α     N  c    proj  pred  out
+    ("stl10", "simclr", "resnet18"):            (400, 256, 0.132, 0.0195, 8.5e-5, 0.0,  6, 128, 2048, None, 256),
+    ("stl10", "byol", "resnet18"):              (400, 128, 0.292, 0.0928, 9.9e-6, 1.72, 6, 64,  4096, 8192, 256),
+    ("stl10", "simsiam", "resnet18"):           (400, 128, 0.444, 0.0383, 7.2e-6, 1.0,  6, 32,  2048, 512,  256),
+    ("stl10", "simclr", "vit_tiny"):            (200, 128, 0.103, 0.0941, 1e-4,   0.39, 4, 32,  2048, None, 128),
+    ("imagenet100_96", "simclr", "resnet18"):   (500, 128, 0.111, 0.0145, 1e-4,   0.92, 4, 32,  2048, None, 128),
+    ("imagenet100_96", "byol", "resnet18"):     (500, 128, 0.241, 0.066,  1e-5,   0.40, 6, 16,  4096, 8192, 256),
+    ("imagenet100_224", "simclr", "resnet18"):  (400, 128, 0.190, 0.499,  1e-4,   0.75, 4, 8,   2048, None, 128),
+}
+# What the table's columns do not hold: SimSiam's unmasked pair and jitter, InstanceNorm, ADIOS-s.
+RECIPE_EXTRAS = {
+    ("stl10", "simsiam", "resnet18"): dict(simsiam_unmasked=True, jitter=[0.55, 0.48, 0.58, 0.2]),
+    ("imagenet100_96", "simclr", "resnet18"): dict(mask_norm="in"),
+    ("imagenet100_224", "simclr", "resnet18"): dict(single_mask=True),
 }
 # Released runs all use LARS and a 10-epoch warmup; these apply to every recipe.
 RECIPE_COMMON = dict(optimizer="lars", warmup_epochs=10)
@@ -125,7 +119,7 @@ def get_args_parser():
                    help="autocast dtype (default: bf16 on GPUs that have it, else fp32)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory format for the encoder (default: on for CUDA)")
+                   help="NHWC memory format for both players (default: on for CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder and masker (GPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output_dir", default="./runs/adios")
@@ -139,8 +133,10 @@ def get_args_parser():
 def recipe_for(dataset, method, arch, img_size):
     """The released run matching this choice, or {} (ImageNet100 is keyed by its image size)."""
     key = f"imagenet100_{img_size or 224}" if dataset == "imagenet100" else dataset
-    recipe = RECIPES.get((key, method, arch))
-    return {**RECIPE_COMMON, **recipe} if recipe else {}
+    if (key, method, arch) not in RECIPES:
+        return {}
+    return {**RECIPE_COMMON, **dict(zip(RECIPE_COLUMNS, RECIPES[key, method, arch])),
+            **RECIPE_EXTRAS.get((key, method, arch), {})}
 
 
 def resolve_args(args):
@@ -158,9 +154,12 @@ def resolve_args(args):
     return args
 
 
+PROG = "train.py"    # the name error lines start with (bench.py, which reuses these checks, sets its own)
+
+
 def fail(message):
     """Bad input: one line on stderr, exit code 2, before any work starts."""
-    print(f"train.py: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -263,8 +262,8 @@ def build_model(args, num_classes, world=1, device=torch.device("cpu")):
                   simsiam_masked_targets=args.simsiam_masked_targets,
                   simsiam_both_masked=args.simsiam_both_masked, gather_negatives=not args.no_gather)
     model.to(device)
-    if args.channels_last:
-        model.net.to(memory_format=torch.channels_last)
+    if args.channels_last:    # every module, the masker too: with the encoder alone in NHWC, fp32 gradients on
+        model.to(memory_format=torch.channels_last)   # CPU were 4e-3 from float64's, not 2e-5 (mixed-layout kernels)
     if args.compile:                                          # in place: state_dict keys unchanged
         model.net.encoder.compile()
         if isinstance(model.masker, Masker):
@@ -454,6 +453,8 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
 
 def check_args(args):
     """Answer bad input in one line (exit 2) before anything is built or read."""
+    if device_problem(args.device):
+        fail(device_problem(args.device))
     if args.num_masks < 0 or args.num_masks == 1 and args.mask_type == "adios":
         fail(f"--num_masks {args.num_masks}: N must be 0 (the plain base method) or at least 2 "
              "(one slot would hide the whole image)")
@@ -501,6 +502,9 @@ def load_resume(path, args):
         if ckpt["args"].get(key) != getattr(args, key):
             fail(f"cannot resume: {path} was made with --{key} {ckpt['args'].get(key)}, this run has "
                  f"{getattr(args, key)}; use the same value or another --output_dir")
+    if ckpt["args"].get("world_size", args.world_size) != args.world_size:     # the global batch, likewise
+        fail(f"cannot resume: {path} was made by {ckpt['args']['world_size']} processes, this run has "
+             f"{args.world_size}; use the same torchrun --nproc_per_node or another --output_dir")
     return ckpt
 
 
@@ -511,8 +515,12 @@ def main(argv=None):
     check_args(args)
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
+    args.world_size = world
+    bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
     if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        args.precision = "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+    if args.precision == "bf16" and not bf16_ok:
+        fail(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --precision fp16 or fp32")
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
