@@ -357,8 +357,8 @@ def main(argv=None):
     prog, train.PROG = train.PROG, "bench.py"     # train.py's input checks, reused here, speak as bench.py
     try:
         a = get_args_parser().parse_args(argv)
-        if eval_linear.device_problem(a.device):
-            train.fail(eval_linear.device_problem(a.device))
+        if problem := eval_linear.device_problem(a.device):
+            train.fail(problem)
         for flag in ("steps", "repeats", "threads", "warmup"):
             least = 0 if flag == "warmup" else 1
             if getattr(a, flag) is not None and getattr(a, flag) < least:

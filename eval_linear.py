@@ -310,8 +310,8 @@ def main(argv=None):
         parser.error("give exactly one of --ckpt and --random_init")
     if args.random_init and args.arch is None:
         parser.error("--random_init needs --arch (e.g. --arch resnet18 --img_size 32 --stem standard)")
-    if device_problem(args.device):
-        fail(device_problem(args.device))
+    if problem := device_problem(args.device):
+        fail(problem)
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
     torch.manual_seed(args.seed)
     device = torch.device(args.device)

@@ -453,8 +453,8 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
 
 def check_args(args):
     """Answer bad input in one line (exit 2) before anything is built or read."""
-    if device_problem(args.device):
-        fail(device_problem(args.device))
+    if problem := device_problem(args.device):
+        fail(problem)
     if args.num_masks < 0 or args.num_masks == 1 and args.mask_type == "adios":
         fail(f"--num_masks {args.num_masks}: N must be 0 (the plain base method) or at least 2 "
              "(one slot would hide the whole image)")
