@@ -63,7 +63,7 @@ def get_args_parser():
     g = p.add_argument_group("--loader: the input pipeline alone")
     g.add_argument("--loader", action="store_true", help="time two-view batches from CPU workers and GPUAugment")
     g.add_argument("--workers", type=int, nargs="+", default=None,
-                   help="worker counts to try (default: 0 2 4 8, capped at os.cpu_count())")
+                   help="worker counts to try (default: 0 2 4 8 up to os.cpu_count(), and train.py's default)")
     g.add_argument("--batches", type=int, default=10, help="timed batches per setting (at least 4 per worker)")
     g.add_argument("--num_images", type=int, default=None, help="images for GPUAugment's uint8 tensor "
                    "(default: all; 1024 for shapes, which is generated)")
@@ -303,7 +303,7 @@ def loader_rate(loader_iter, warm, timed, batch_size):
 def bench_loader(a, device):
     name, size = a.dataset, a.img_size or data.dataset_info(a.dataset)["img_size"]
     B = a.batch_size or (256 if device.type == "cuda" else 64)
-    workers = a.workers or sorted({0} | {w for w in (2, 4, 8) if w <= (os.cpu_count() or 1)})
+    workers = a.workers or sorted({0, train.default_workers()} | {w for w in (2, 4, 8) if w <= (os.cpu_count() or 1)})
     rounds = {w: (max(1, w), max(a.batches, 4 * w)) for w in workers}    # warm: every worker's first batch
     try:
         dataset = data.build_pretrain_dataset(name, a.data_dir, size)

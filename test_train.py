@@ -163,3 +163,14 @@ def test_fp16_with_gradient_scaling_and_gpu_augmentation(tmp_path):
     assert log["step"] == 2 and all(map(torch.isfinite, map(torch.tensor, (log["enc_ssl_loss"], log["mask_ssl_loss"]))))
     scaler = torch.load(out / "checkpoint.pth", weights_only=True)["scaler"]
     assert scaler["scale"] > 0                       # the GradScaler's state is saved for resume
+
+
+def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train.default_workers() == 16                  # one GPU on a 16-core host: every core
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")           # torchrun --nproc_per_node=4
+    assert train.default_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert train.default_workers() == 1
+    assert train.main([*TINY[:4], "--dry_run"])["workers"] == 1    # what --workers means when not given

@@ -76,7 +76,8 @@ def get_args_parser():
     g.add_argument("--img_size", type=int, default=S, help="image size (default: the dataset's)")
     g.add_argument("--num_images", type=int, default=None, help="shapes: images generated (4096); "
                    "others: use only the first K images (smoke runs)")
-    g.add_argument("--workers", type=int, default=2, help="data-loading processes per GPU/process")
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes per GPU/process (default: "
+                   "the machine's cores shared among its processes, e.g. 16 for one GPU on a 16-core host)")
     g.add_argument("--jitter", type=float, nargs=4, default=S, metavar=("B", "C", "S", "H"),
                    help="colour jitter strengths (default: the dataset's; 0.8 0.8 0.8 0.2 as in the paper)")
     g.add_argument("--gpu_aug", action="store_true", help="keep the uint8 dataset on the device and augment "
@@ -149,9 +150,18 @@ def resolve_args(args):
     if args.dataset == "shapes" and args.stem is None:
         args.stem = "standard"
     args.stem = args.stem or "auto"
+    if args.workers is None:
+        args.workers = default_workers()
     if args.mask_type != "adios":
         args.num_masks = 1          # fixed random/block masks: one slot, the hidden part
     return args
+
+
+def default_workers():
+    """This machine's cores over the processes torchrun started on it: PIL augmentation is what limits a
+    GPU run's input pipeline, so it gets every core (2 workers on the 2-core CPU demo, as before)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 PROG = "train.py"    # the name error lines start with (bench.py, which reuses these checks, sets its own)
