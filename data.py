@@ -352,7 +352,7 @@ def build_pretrain_dataset(name, data_dir, img_size, download=False, jitter=None
     """A dataset of ((view_a, view_b), label); label is -1 for unlabelled STL10 images.
 
     num_images: size of Shapes (default 4096), or keep only the first num_images of another dataset.
-    seed: the Shapes generator seed (unused elsewhere).
+    seed: the Shapes generator seed, and the augmentation seed (SeededViews).
     """
     info = dataset_info(name)
     if name == "flowers102":
@@ -362,9 +362,34 @@ def build_pretrain_dataset(name, data_dir, img_size, download=False, jitter=None
     crop_scale = info.get("crop_scale", (0.08, 1.0))
     views = TwoViews(pretrain_transform(img_size, info["mean"], info["std"], jitter, crop_scale))
     if name == "shapes":
-        return Shapes("train", img_size, num_images or 4096, seed, transform=views)
+        return SeededViews(Shapes("train", img_size, num_images or 4096, seed, transform=views), seed)
     dataset = _stored_dataset(name, data_dir, "pretrain", views, download)
-    return Subset(dataset, range(min(num_images, len(dataset)))) if num_images else dataset
+    return SeededViews(Subset(dataset, range(min(num_images, len(dataset)))) if num_images else dataset, seed)
+
+
+def sample_seed(seed, epoch, index):
+    """The torch seed of one image's random views (or of one GPU batch's): distinct for every (epoch, index)."""
+    return (seed * 1_000_003 + epoch) * 100_000_007 + index
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """dataset[i], with its random augmentation drawn from a torch RNG seeded by (seed, epoch, i).
+
+    So an image's views depend on nothing else: not on the worker that makes them, on how many images
+    that worker made before, or on where the epoch started. A run stopped mid-epoch and resumed sees
+    the very views the uninterrupted run saw. `epoch` is set by ResumableSampler.set_epoch.
+    """
+
+    def __init__(self, dataset, seed=0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):      # the caller's CPU RNG stream is left as it was
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))   # CPU only: ~1 µs
+            return self.dataset[i]
 
 
 def build_eval_datasets(name, data_dir, img_size, download=False, augment=False, seed=0, num_images=None):
@@ -398,13 +423,9 @@ def build_loader(dataset, batch_size, workers, shuffle=True, drop_last=True, see
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                drop_last=drop_last)
-    # The loader draws its workers' base torch seed from this generator, and each worker adds its id: the
-    # augmentations differ per worker and per rank yet repeat given seed. (With workers=0 they use the
-    # global torch RNG, which the caller seeds.) Shapes draws from its own per-image numpy generator and
-    # the transforms use torch only, so no numpy/random seeding is needed in workers.
+    # Workers are not persistent: fresh ones each epoch copy the dataset with its epoch (SeededViews).
+    # Pretraining views are seeded per image; the workers' own seeds come from this generator.
     generator = torch.Generator().manual_seed(seed + 100_003 * rank)
-    # Workers are not persistent: fresh ones each epoch take their seeds from the generator as the caller
-    # reseeded it, so resuming at an epoch boundary replays the same augmentations.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), drop_last=drop_last, generator=generator)
 
@@ -413,6 +434,12 @@ class ResumableSampler(DistributedSampler):
     """A DistributedSampler that can start an epoch part-way: set `start` (in samples) to skip the first
     ones of this epoch's order without loading them (resuming after a mid-epoch stop), then back to 0."""
     start = 0
+
+    def set_epoch(self, epoch):
+        """This epoch's order, and (a SeededViews dataset) its views."""
+        super().set_epoch(epoch)
+        if isinstance(self.dataset, SeededViews):
+            self.dataset.epoch = epoch
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.start, None)
@@ -451,27 +478,30 @@ class GPULoader:
     """--gpu_aug: the whole uint8 split on the device, both views augmented there, per batch.
 
     Iterates like build_loader's DataLoader: ((x_a, x_b), labels) batches of this rank's share
-    (a DistributedSampler with drop_last), `sampler.set_epoch(epoch)` each epoch. The views draw
-    their random parameters from the device's global RNG, which the caller seeds.
+    (a DistributedSampler with drop_last), `sampler.set_epoch(epoch)` each epoch. Each batch draws
+    its views from a generator seeded by (seed, epoch, its first image), like SeededViews: a resumed
+    epoch repeats them.
     """
 
     def __init__(self, images, labels, batch_size, augment, seed=0):
         distributed = dist.is_available() and dist.is_initialized()
         world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         self.images, self.labels, self.batch_size, self.augment = images, labels.to(images.device), batch_size, augment
+        self.seed = seed
         self.sampler = ResumableSampler(range(len(images)), num_replicas=world_size, rank=rank, seed=seed,
                                         drop_last=True)
-        self.generator = torch.Generator()     # unused: kept so callers can seed it like a DataLoader's
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
 
     def __iter__(self):
-        order = torch.tensor(list(self.sampler), device=self.images.device)   # this rank's indices
+        order = list(self.sampler)                                            # this rank's indices
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = torch.tensor(batch, device=self.images.device)
             x = self.images[idx]                                              # (B, 3, H, W) uint8
-            yield (self.augment(x), self.augment(x)), self.labels[idx]       # two independent views
+            g = torch.Generator(self.images.device).manual_seed(sample_seed(self.seed, self.sampler.epoch, batch[0]))
+            yield (self.augment(x, g), self.augment(x, g)), self.labels[idx]  # two independent views
 
 
 def _gray(x):

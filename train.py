@@ -369,6 +369,12 @@ class Averager:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
+def step_seed(seed, step, rank):
+    """The torch seed of one iteration on one rank. Its random choices then depend on nothing else (not on
+    evaluation between epochs, nor on where a run was resumed), like the views (data.SeededViews)."""
+    return (seed * 1_000_003 + rank) * 100_000_007 + step
+
+
 def set_learning_rates(optimizer, step, warmup, total):
     for group in optimizer.param_groups:
         if not group.get("fixed_lr"):
@@ -425,7 +431,7 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
     """One pass over this rank's share of the data (what is left of it, after a mid-epoch resume).
     Returns (mean stats, global step)."""
     model.train()
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     avg, lrs = Averager(), {}
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not is_main, leave=False)
     for (x_a, x_b), labels in loader:
@@ -436,6 +442,7 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
                 set_learning_rates(opt, step, **schedule)
         x_a, x_b, labels = x_a.to(device, non_blocking=True), x_b.to(device, non_blocking=True), labels.to(device)
 
+        torch.manual_seed(step_seed(args.seed, step, rank))   # ADIOS-s slots, random/block masks
         enc, msk = adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp)
         if model.method == "byol":
             model.momentum_update(byol_tau(step, schedule["total"]))
@@ -601,10 +608,7 @@ def main(argv=None):
         for epoch in range(start_epoch, args.epochs):
             if step >= last_step:
                 break
-            # Seed per epoch and rank: resuming at an epoch boundary replays the same augmentations.
-            torch.manual_seed(args.seed + 1_000_003 * epoch + rank)
-            loader.generator.manual_seed(args.seed + 1_000_003 * epoch + rank)
-            loader.sampler.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch)          # this epoch's order and, seeded per image, its views
             # Resuming mid-epoch: skip, unloaded, the images of this epoch's order already trained on.
             loader.sampler.start = (step - epoch * steps_per_epoch) * args.batch_size
             start_time, start_step = time.time(), step
