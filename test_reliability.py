@@ -86,6 +86,10 @@ def test_bench_and_eval_answer_bad_input_in_one_line(capsys, script, argv, says)
     assert err.startswith(f"{script}.py: error: ") and says in err, err
 
 
+def test_negative_workers(capsys, tmp_path):
+    assert "--workers -1" in bad_input(capsys, tmp_path, "--workers", "-1")
+
+
 def test_batch_too_small_for_a_process(capsys, tmp_path):
     # --batch_size is per process; BatchNorm and the contrastive loss need two images on each one.
     assert "at least 2 images per process" in bad_input(capsys, tmp_path, "--batch_size", "1")

@@ -159,7 +159,7 @@ def resolve_args(args):
 
 def default_workers():
     """This machine's cores over the processes torchrun started on it: PIL augmentation is what limits a
-    GPU run's input pipeline, so it gets every core (2 workers on the 2-core CPU demo, as before)."""
+    GPU run's input pipeline, so it gets every core (2 workers on a 2-core CPU)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
@@ -492,6 +492,8 @@ def check_args(args):
         build_encoder(args.arch, args.img_size, args.stem)
     except ValueError as e:
         fail(f"--arch {args.arch} / --img_size {args.img_size}: {e}")
+    if args.workers < 0:
+        fail(f"--workers {args.workers}: the number of data-loading processes, 0 (load in this process) or more")
     if args.batch_size < 2:
         fail(f"--batch_size {args.batch_size}: contrastive losses need at least 2 images per process")
 
