@@ -312,6 +312,12 @@ def main(argv=None):
         parser.error("--random_init needs --arch (e.g. --arch resnet18 --img_size 32 --stem standard)")
     if problem := device_problem(args.device):
         fail(problem)
+    for flag, least in (("epochs", 0), ("batch_size", 1), ("img_size", 1), ("num_images", 1), ("mask_images", 0),
+                        ("workers", 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            fail(f"--{flag} {getattr(args, flag)}: must be at least {least}")
+    if args.lr <= 0:
+        fail(f"--lr {args.lr}: must be positive")
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
     torch.manual_seed(args.seed)
     device = torch.device(args.device)

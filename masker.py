@@ -93,6 +93,8 @@ def check_masker_args(num_masks, img_size, base_channels, norm, num_blocks):
                          "mask covers the whole image (use N = 0 in train.py for the plain base method)")
     if norm not in NORMS:
         raise ValueError(f"mask norm must be one of {NORMS}, got {norm!r}")
+    if base_channels < 1:
+        raise ValueError(f"mask base_channels must be at least 1, got {base_channels}")
     if num_blocks < 2:
         raise ValueError(f"the U-Net needs at least 2 blocks, got {num_blocks} (img_size {img_size})")
     step = 2 ** (num_blocks - 1)

@@ -76,7 +76,10 @@ def test_device_this_machine_cannot_open(capsys, tmp_path, device, says):
     ("bench", ["--arch", "resnet34"], "--arch"),
     ("eval_linear", ["--random_init"], "--arch"),
     ("eval_linear", ["--ckpt", "x.pth", "--device", "cuda:99"], "cuda:99"),
-    ("eval_linear", ["--bogus"], "--bogus")])
+    ("eval_linear", ["--bogus"], "--bogus"),
+    ("eval_linear", ["--random_init", "--arch", "resnet18", "--img_size", "0"], "--img_size 0"),
+    ("eval_linear", ["--random_init", "--arch", "resnet18", "--batch_size", "0"], "--batch_size 0"),
+    ("eval_linear", ["--random_init", "--arch", "resnet18", "--lr", "-1"], "--lr -1")])
 def test_bench_and_eval_answer_bad_input_in_one_line(capsys, script, argv, says):
     main = __import__(script).main
     with pytest.raises(SystemExit) as e:
@@ -86,8 +89,14 @@ def test_bench_and_eval_answer_bad_input_in_one_line(capsys, script, argv, says)
     assert err.startswith(f"{script}.py: error: ") and says in err, err
 
 
-def test_negative_workers(capsys, tmp_path):
-    assert "--workers -1" in bad_input(capsys, tmp_path, "--workers", "-1")
+@pytest.mark.parametrize("flags, says", [
+    (["--workers", "-1"], "--workers -1"), (["--epochs", "0"], "--epochs 0"), (["--num_images", "0"], "--num_images 0"),
+    (["--max_steps", "0"], "--max_steps 0"), (["--proj_hidden_dim", "0"], "--proj_hidden_dim 0"),
+    (["--save_every", "-1"], "--save_every -1"), (["--lr", "0"], "--lr 0.0: must be positive"),
+    (["--mask_lr", "-0.1"], "--mask_lr"), (["--temperature", "0"], "--temperature"), (["--alpha", "-1"], "--alpha"),
+    (["--jitter", "0.4", "0.4", "0.4", "0.8"], "hue's at most 0.5"), (["--mask_channels", "0"], "at least 1")])
+def test_counts_and_rates_out_of_range(capsys, tmp_path, flags, says):
+    assert says in bad_input(capsys, tmp_path, *flags)
 
 
 def test_batch_too_small_for_a_process(capsys, tmp_path):

@@ -492,10 +492,21 @@ def check_args(args):
         build_encoder(args.arch, args.img_size, args.stem)
     except ValueError as e:
         fail(f"--arch {args.arch} / --img_size {args.img_size}: {e}")
-    if args.workers < 0:
-        fail(f"--workers {args.workers}: the number of data-loading processes, 0 (load in this process) or more")
     if args.batch_size < 2:
         fail(f"--batch_size {args.batch_size}: contrastive losses need at least 2 images per process")
+    # Counts and rates out of range: named here rather than met later as a shape error or a NaN.
+    for flag, least in (("epochs", 1), ("num_images", 1), ("max_steps", 1), ("proj_hidden_dim", 1),
+                        ("pred_hidden_dim", 1), ("proj_output_dim", 1), ("warmup_epochs", 0),
+                        ("save_every", 0), ("workers", 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            fail(f"--{flag} {getattr(args, flag)}: must be at least {least}")
+    for flag, positive in (("lr", True), ("mask_lr", True), ("temperature", True), ("weight_decay", False),
+                           ("alpha", False), ("classifier_lr", False)):
+        value = getattr(args, flag)
+        if value < 0 or positive and value == 0:
+            fail(f"--{flag} {value}: must be {'positive' if positive else 'at least 0'}")
+    if args.jitter is not None and (min(args.jitter) < 0 or args.jitter[3] > 0.5):
+        fail(f"--jitter {' '.join(map(str, args.jitter))}: strengths must be at least 0, and hue's at most 0.5")
 
 
 def check_output_dir(path):
