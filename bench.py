@@ -359,10 +359,9 @@ def main(argv=None):
         a = get_args_parser().parse_args(argv)
         if problem := eval_linear.device_problem(a.device):
             train.fail(problem)
-        for flag in ("steps", "repeats", "threads", "warmup", "batches", "num_images"):
-            least = 0 if flag == "warmup" else 1
-            if getattr(a, flag) is not None and getattr(a, flag) < least:
-                train.fail(f"--{flag} {getattr(a, flag)}: must be at least {least}")
+        if problem := eval_linear.below_minimum(a, dict(steps=1, repeats=1, threads=1, warmup=0, batches=1,
+                                                        num_images=1)):
+            train.fail(problem)
         return run(a)
     finally:
         train.PROG = prog

@@ -56,6 +56,16 @@ def device_problem(name):
     return None
 
 
+def below_minimum(args, minimums):
+    """One line naming the first flag under its minimum ({flag: least}; a flag left None is skipped), or None.
+    train.py and bench.py ask this too."""
+    for flag, least in minimums.items():
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            return f"--{flag} {value}: must be at least {least}"
+    return None
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):              # one line, exit 2 (argparse would print the usage first)
         fail(message)
@@ -312,10 +322,9 @@ def main(argv=None):
         parser.error("--random_init needs --arch (e.g. --arch resnet18 --img_size 32 --stem standard)")
     if problem := device_problem(args.device):
         fail(problem)
-    for flag, least in (("epochs", 0), ("batch_size", 1), ("img_size", 1), ("num_images", 1), ("mask_images", 0),
-                        ("workers", 0)):
-        if getattr(args, flag) is not None and getattr(args, flag) < least:
-            fail(f"--{flag} {getattr(args, flag)}: must be at least {least}")
+    if problem := below_minimum(args, dict(epochs=0, batch_size=1, img_size=1, num_images=1, mask_images=0,
+                                           workers=0)):
+        fail(problem)
     if args.lr <= 0:
         fail(f"--lr {args.lr}: must be positive")
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else None

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import data
 from adios import ADIOS, METHODS, byol_tau
 from encoders import ARCHS, STEMS, build_encoder
-from eval_linear import device_problem, shapes_mask_quality
+from eval_linear import below_minimum, device_problem, shapes_mask_quality
 from masker import NORMS, BlockMasker, Masker, RandomPatchMasker, check_masker_args
 
 # The released runs, as the table of ADIOS_SPEC.md §7 (one GPU each; the batch is per GPU here).
@@ -249,7 +249,8 @@ def build_train_loader(args, info, device, download):
         return data.build_loader(train_set, args.batch_size, args.workers, seed=args.seed)
     images, labels = data.load_uint8(args.dataset, args.data_dir, args.img_size, download, args.num_images,
                                      args.seed, with_labels=True)
-    augment = data.GPUAugment(args.img_size, info["mean"], info["std"], args.jitter or info.get("jitter", data.DEFAULT_JITTER),
+    jitter = args.jitter or info.get("jitter", data.DEFAULT_JITTER)
+    augment = data.GPUAugment(args.img_size, info["mean"], info["std"], jitter,
                               info.get("crop_scale", (0.08, 1.0))).to(device)
     return data.GPULoader(images.to(device), labels, args.batch_size, augment, seed=args.seed)
 
@@ -495,11 +496,9 @@ def check_args(args):
     if args.batch_size < 2:
         fail(f"--batch_size {args.batch_size}: contrastive losses need at least 2 images per process")
     # Counts and rates out of range: named here rather than met later as a shape error or a NaN.
-    for flag, least in (("epochs", 1), ("num_images", 1), ("max_steps", 1), ("proj_hidden_dim", 1),
-                        ("pred_hidden_dim", 1), ("proj_output_dim", 1), ("warmup_epochs", 0),
-                        ("save_every", 0), ("workers", 0)):
-        if getattr(args, flag) is not None and getattr(args, flag) < least:
-            fail(f"--{flag} {getattr(args, flag)}: must be at least {least}")
+    if problem := below_minimum(args, dict(epochs=1, num_images=1, max_steps=1, proj_hidden_dim=1, pred_hidden_dim=1,
+                                           proj_output_dim=1, warmup_epochs=0, save_every=0, workers=0)):
+        fail(problem)
     for flag, positive in (("lr", True), ("mask_lr", True), ("temperature", True), ("weight_decay", False),
                            ("alpha", False), ("classifier_lr", False)):
         value = getattr(args, flag)
