@@ -65,6 +65,19 @@ def test_masker_block_count_and_table():
     assert m.mlp[0].in_features == 16 * 6 * 6 and m.mlp[2].out_features == 128
 
 
+def test_unet_skips_carry_the_image_past_the_bottleneck():
+    # With the bottleneck MLP silenced (its last layer zeroed), the masks can depend on the image only
+    # through the U-Net's skip connections: they must still differ between images and across pixels.
+    torch.manual_seed(0)
+    m = Masker(4, 32, base_channels=8)
+    with torch.no_grad():
+        m.mlp[-2].weight.zero_()
+        m.mlp[-2].bias.zero_()
+    masks = m(torch.randn(2, 3, 32, 32))                      # (2, 4, 32, 32)
+    assert (masks[0] - masks[1]).abs().max() > 1e-2
+    assert masks[0].flatten(1).std(dim=1).max() > 1e-2
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(num_masks=3, img_size=100), "multiple of 16"),
     (dict(num_masks=3, img_size=32, base_channels=12), "GroupNorm"),

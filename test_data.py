@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 import data
 
@@ -73,6 +74,18 @@ def test_pretrain_dataset_two_views():
     assert view_a.shape == view_b.shape == (3, 32, 32) and view_a.dtype == torch.float32
     assert not torch.equal(view_a, view_b)
     assert 0 <= label < 4
+
+
+def test_each_view_draws_its_own_crop(monkeypatch):
+    # The two views are two independent draws of the whole pipeline (Sec. 2; SimCLR), the crop included.
+    crops = []
+    real = transforms.RandomResizedCrop.get_params
+    monkeypatch.setattr(transforms.RandomResizedCrop, "get_params",
+                        staticmethod(lambda *a: crops.append(real(*a)) or crops[-1]))
+    dataset = data.build_pretrain_dataset("shapes", None, 32, num_images=4)
+    for i in range(4):
+        dataset[i]
+    assert len(crops) == 8 and all(crops[2 * i] != crops[2 * i + 1] for i in range(4))
 
 
 def test_eval_datasets_shapes():
@@ -221,6 +234,16 @@ def test_gpu_loader_yields_two_views_of_this_ranks_share():
     assert len(loader) == len(batches) == 2                   # drop_last: 20 images → two batches of 8
     (x_a, x_b), y = batches[0]
     assert x_a.shape == x_b.shape == (8, 3, 32, 32) and not torch.equal(x_a, x_b) and y.shape == (8,)
+
+
+def test_gpu_views_draw_their_own_crops(monkeypatch):
+    crops = []
+    real = data.GPUAugment.crop_and_flip
+    monkeypatch.setattr(data.GPUAugment, "crop_and_flip", lambda self, *a: crops.append(real(self, *a)) or crops[-1])
+    images, labels = data.load_uint8("shapes", None, 32, num_images=8, with_labels=True)
+    info = data.dataset_info("shapes")
+    next(iter(data.GPULoader(images, labels, 8, data.GPUAugment(32, info["mean"], info["std"]))))
+    assert len(crops) == 2 and ((crops[0] - crops[1]).flatten(1).abs().amax(1) > 0).all()   # per image
 
 
 def test_gpu_augment_shape_and_per_image_params():

@@ -102,10 +102,19 @@ def test_user_errors_exit_2(tmp_path, capsys):
 
 
 def test_knn_finds_the_nearest_class():
-    train = torch.eye(3).repeat(10, 1) + 0.01 * torch.randn(30, 3)      # three tight clusters
+    g = torch.Generator().manual_seed(0)
+    train = torch.eye(3).repeat(10, 1) + 0.01 * torch.randn(30, 3, generator=g)      # three tight clusters
     labels = torch.arange(3).repeat(10)
     test = torch.eye(3) * 5                                   # the scale must not matter: cosine
     assert knn_top1(train, labels, test, torch.arange(3), num_classes=3) == 100.0
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    # k = 5 neighbours of the query (1, 0): two almost identical ones of class 0 (cos ≈ 0.999) and three
+    # farther ones of class 1 (cos ≈ 0.7). Counting votes picks class 1; weights exp(sim / T) pick class 0.
+    bank = torch.tensor([[1, 0.05], [1, -0.05], [1, 1.0], [1, 1.1], [1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    assert knn_top1(bank, labels, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), num_classes=2, k=5) == 100.0
 
 
 # ---- adjusted Rand index and mask quality ------------------------------------------------------

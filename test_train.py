@@ -1,4 +1,6 @@
 """Tests of train.py: short runs of train.main on the embedded shapes data (CPU)."""
+import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -75,6 +77,62 @@ def test_recipe_fills_what_is_not_given():
     assert args["alpha"] == 0.5 and args["optimizer"] == "lars" and args["img_size"] == 96
     args = train.main(["--dataset", "imagenet100", "--img_size", "224", "--dry_run"])
     assert args["single_mask"] and args["mask_channels"] == 8
+
+
+def test_adios_step_is_the_encoder_step_then_the_masker_step():
+    # Sec. 2: one iteration is the encoder step, then the masker step through the just-updated encoder,
+    # on the same views. Written out by hand here from the same float64 weights; the weights after must agree.
+    args = train.resolve_args(train.get_args_parser().parse_args([*TINY, "--optimizer", "sgd"]))
+    args.img_size = 32
+    torch.manual_seed(0)
+    model = train.build_model(args, num_classes=4).double()
+    reference, before = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x_a, x_b = torch.randn(2, 8, 3, 32, 32, generator=g, dtype=torch.float64)
+    labels = torch.randint(4, (8,), generator=g)
+    opt_enc, opt_mask = train.build_optimizers(model, args)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, contextlib.nullcontext)
+
+    ref_enc, ref_mask = train.build_optimizers(reference, args)
+    loss, _ = reference.encoder_loss(x_a, x_b, labels)        # the encoder step ...
+    ref_enc.zero_grad()
+    loss.backward()
+    ref_enc.step()
+    loss, _ = reference.masker_loss(x_a, x_b)                 # ... then the masker step
+    ref_mask.zero_grad()
+    loss.backward()
+    ref_mask.step()
+    ours, expected = model.state_dict(), reference.state_dict()
+    for player in ("net.encoder.", "masker."):                # both players moved
+        assert any(not torch.equal(v, before[k]) for k, v in expected.items() if k.startswith(player))
+    for k in expected:
+        torch.testing.assert_close(ours[k], expected[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_the_optimisers_carry_the_warmup_cosine_rates(tmp_path, monkeypatch):
+    # The schedule as the run applies it: 4 steps an epoch, 2 epochs, 1 warmup epoch. Every group starts
+    # at 0.003, reaches its own base rate when the warmup ends (step 4), and is halfway down the cosine at step 6.
+    seen = []
+    real = train.adios_step
+
+    def spy(model, x_a, x_b, labels, opt_enc, opt_mask, *rest):
+        seen.append({(name, g["base_lr"]): g["lr"] for name, opt in (("enc", opt_enc), ("mask", opt_mask))
+                     for g in opt.param_groups})
+        return real(model, x_a, x_b, labels, opt_enc, opt_mask, *rest)
+
+    monkeypatch.setattr(train, "adios_step", spy)
+    run(tmp_path, "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.2", "--mask_lr", "0.05",
+        "--classifier_lr", "0.1")
+    assert len(seen) == 8 and set(seen[0]) == {("enc", 0.2), ("enc", 0.1), ("mask", 0.05)}
+    for (_, base), lr in seen[0].items():
+        assert lr == pytest.approx(0.003)
+    for (_, base), lr in seen[2].items():
+        assert lr == pytest.approx(0.003 + (base - 0.003) / 2)
+    for (_, base), lr in seen[4].items():
+        assert lr == pytest.approx(base)
+    for (_, base), lr in seen[6].items():
+        assert lr == pytest.approx(base / 2)
 
 
 def test_lars_clips_the_local_rate():
