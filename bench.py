@@ -23,15 +23,17 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli_checks
 import data
-import eval_linear
+import gpu_augment
 import train
 from adios import METHODS, byol_loss, frozen, occlude, probe_loss, simclr_loss, sparsity_penalty, symmetric_simsiam
 from encoders import ARCHS, STEMS
+from optim import set_learning_rates
 
 
 def get_args_parser():
-    p = train.Parser("bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_checks.Parser("bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run (unset flags: train.py's recipe for --dataset, as train.py would)")
     g.add_argument("--dataset", default=None, help="picks the recipe and --loader's data (default: stl10 on "
                    "CUDA, shapes on CPU; --loader falls back to shapes when the files are absent)")
@@ -156,10 +158,10 @@ def train_args(a, device):
         if getattr(a, key) is not None:
             argv += [f"--{key}", str(getattr(a, key))]
     args = train.resolve_args(train.get_args_parser().parse_args(argv))
-    args.img_size = a.img_size or data.dataset_info(a.dataset)["img_size"]
-    train.check_args(args)                                    # one line and exit 2 on what cannot be built
+    if problem := cli_checks.train_args_problem(args):      # what cannot be built: one line, exit 2
+        fail(problem)
     if args.num_masks < 2:
-        train.fail("--num_masks must be at least 2: the two schedules differ in how they run the slots")
+        fail("--num_masks must be at least 2: the two schedules differ in how they run the slots")
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     args.precision = a.precision or ("bf16" if bf16 else "fp32")
     args.channels_last = device.type == "cuda" if a.channels_last is None else a.channels_last
@@ -173,7 +175,7 @@ def build_side(args, device, num_classes):
     model = train.build_model(args, num_classes=num_classes, world=1, device=device)
     opt_enc, opt_mask = train.build_optimizers(model, args)
     for opt in (opt_enc, opt_mask):
-        train.set_learning_rates(opt, step=0, warmup=1, total=2)
+        set_learning_rates(opt, step=0, warmup=1, total=2)
     return model, opt_enc, opt_mask
 
 
@@ -328,12 +330,12 @@ def bench_loader(a, device):
 
     num = a.num_images or (1024 if name == "shapes" else None)
     try:
-        images = data.load_uint8(name, a.data_dir, size, num_images=num).to(device)   # (M, 3, H, W) uint8
+        images = gpu_augment.load_uint8(name, a.data_dir, size, num_images=num).to(device)   # (M, 3, H, W) uint8
     except data.DataError as e:                               # image folders: no uint8 tensor
         print(f"  GPUAugment: {e}")
         result["gpu_augment"] = None
         return result
-    augment = data.GPUAugment(size, info["mean"], info["std"]).to(device)
+    augment = gpu_augment.GPUAugment(size, info["mean"], info["std"]).to(device)
 
     def two_views():
         x = images[torch.randint(len(images), (B,), device=device)]                # (B, 3, H, W)
@@ -353,18 +355,17 @@ def bench_loader(a, device):
 
 # ---- main ---------------------------------------------------------------------------------------
 
+def fail(message):
+    cli_checks.fail("bench.py", message)
+
+
 def main(argv=None):
-    prog, train.PROG = train.PROG, "bench.py"     # train.py's input checks, reused here, speak as bench.py
-    try:
-        a = get_args_parser().parse_args(argv)
-        if problem := eval_linear.device_problem(a.device):
-            train.fail(problem)
-        if problem := eval_linear.below_minimum(a, dict(steps=1, repeats=1, threads=1, warmup=0, batches=1,
-                                                        num_images=1)):
-            train.fail(problem)
-        return run(a)
-    finally:
-        train.PROG = prog
+    a = get_args_parser().parse_args(argv)
+    if problem := cli_checks.device_problem(a.device):
+        fail(problem)
+    if problem := cli_checks.below_minimum(a, dict(steps=1, repeats=1, threads=1, warmup=0, batches=1, num_images=1)):
+        fail(problem)
+    return run(a)
 
 
 def run(a):

@@ -18,7 +18,6 @@ features, the labelled train split as memory bank, the k = 20 nearest vote with 
 T = 0.07 (InstDisc, Wu et al. 2018; DINO): fixed, never tuned on the test set. Accuracies are in %.
 Writes a JSON file of the results (see `main`). README: "Recipes", "Evidence on shapes".
 """
-import argparse
 import json
 import os
 import sys
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import cli_checks
+from cli_checks import Parser, below_minimum, device_problem
 from data import DATASETS, DataError, Shapes, build_eval_datasets, dataset_info, eval_transform
 from encoders import ARCHS, STEMS, build_encoder
 from masker import Masker
@@ -36,45 +37,9 @@ from masker import Masker
 KNN_K, KNN_T = 20, 0.07                   # fixed kNN neighbours and temperature (spec §8)
 
 
-def device_problem(name):
-    """Why --device `name` cannot be used on this machine, in one line, or None if it can (None = auto).
-    train.py and bench.py ask this too, so no flag reaches torch as a device it cannot open."""
-    if name is None:
-        return None
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        return f"--device {name}: not a device name; use cpu, cuda or cuda:K"
-    if device.type not in ("cpu", "cuda"):
-        return f"--device {name}: only cpu and cuda are supported"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return (f"--device {name}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); "
-                "use --device cpu, or install a CUDA build of torch")
-    count = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
-        return f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
-    return None
-
-
-def below_minimum(args, minimums):
-    """One line naming the first flag under its minimum ({flag: least}; a flag left None is skipped), or None.
-    train.py and bench.py ask this too."""
-    for flag, least in minimums.items():
-        value = getattr(args, flag)
-        if value is not None and value < least:
-            return f"--{flag} {value}: must be at least {least}"
-    return None
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):              # one line, exit 2 (argparse would print the usage first)
-        fail(message)
-
-
 def fail(message):
-    """One line on stderr and exit code 2, like argparse's own errors: no traceback for user mistakes."""
-    print(f"eval_linear.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    """One line on stderr and exit code 2: no traceback for user mistakes."""
+    cli_checks.fail("eval_linear.py", message)
 
 
 def get_args_parser():

@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 
 import torch
@@ -26,11 +25,16 @@ import torch.distributed as dist
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
+import cli_checks
 import data
+import gpu_augment
 from adios import ADIOS, METHODS, byol_tau
 from encoders import ARCHS, STEMS, build_encoder
-from eval_linear import below_minimum, device_problem, shapes_mask_quality
-from masker import NORMS, BlockMasker, Masker, RandomPatchMasker, check_masker_args
+from checkpoint import checkpoint_state, load_for_resume, save_checkpoint
+from cli_checks import Parser, output_dir_problem, train_args_problem
+from eval_linear import shapes_mask_quality
+from masker import NORMS, BlockMasker, Masker, RandomPatchMasker
+from optim import make_optimizer, param_groups, set_learning_rates
 
 # The released runs, as the table of ADIOS_SPEC.md §7 (one GPU each; the batch is per GPU here).
 # A flag given on the command line wins over these.
@@ -58,11 +62,6 @@ DEFAULTS = dict(epochs=6, batch_size=64, lr=0.3, mask_lr=0.05, weight_decay=1e-5
                 mask_channels=16, mask_norm="gn", single_mask=False, proj_hidden_dim=512, pred_hidden_dim=None,
                 proj_output_dim=128, simsiam_unmasked=False, jitter=None, optimizer="lars", warmup_epochs=1,
                 img_size=None, stem=None)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):              # one line, exit 2 (argparse would print the usage first)
-        fail(message)
 
 
 def get_args_parser():
@@ -147,6 +146,8 @@ def resolve_args(args):
     for key, value in {**DEFAULTS, **recipe}.items():
         given.setdefault(key, value)
     args.recipe = bool(recipe)
+    if args.img_size is None:
+        args.img_size = data.DATASETS[args.dataset]["img_size"] if args.dataset in data.DATASETS else 0
     if args.dataset == "shapes" and args.stem is None:
         args.stem = "standard"
     args.stem = args.stem or "auto"
@@ -164,13 +165,9 @@ def default_workers():
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-PROG = "train.py"    # the name error lines start with (bench.py, which reuses these checks, sets its own)
-
-
 def fail(message):
     """Bad input: one line on stderr, exit code 2, before any work starts."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    cli_checks.fail("train.py", message)
 
 
 # ---- distributed, schedule, optimiser -------------------------------------------------------
@@ -187,72 +184,19 @@ def setup_distributed(device_arg):
     return rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu")
 
 
-def learning_rate(step, base_lr, warmup_steps, total_steps, start_lr=0.003):
-    """Linear warmup from start_lr to base_lr, then cosine to 0; per step (the released code: per epoch)."""
-    start_lr = min(start_lr, base_lr)
-    if step < warmup_steps:
-        return start_lr + (base_lr - start_lr) * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum, each tensor's step scaled by LARS's trust ratio (You et al. 2017).
-
-    local rate = η·‖w‖ / (‖g‖ + wd·‖w‖), clipped so it never exceeds the global rate (spec §7).
-    Groups with lars=False (biases, norm parameters) get plain SGD and, by their group, no decay.
-    """
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=group["weight_decay"])
-                if group["lars"]:
-                    w_norm, g_norm = p.norm(), p.grad.norm()
-                    trust = group["eta"] * w_norm / (g_norm + group["weight_decay"] * w_norm)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), trust, group["lr"])
-                    d.mul_(torch.clamp(trust / group["lr"], max=1.0))     # on the device: no host sync
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(d)
-                p.add_(buf, alpha=-group["lr"])
-
-
-def param_groups(module, lr, weight_decay, **extra):
-    """Weights get decay and LARS; biases and norm parameters (1-D tensors) get neither (spec §7)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [dict(params=[p for p in params if p.ndim > 1], lr=lr, base_lr=lr, weight_decay=weight_decay, **extra),
-            dict(params=[p for p in params if p.ndim <= 1], lr=lr, base_lr=lr, weight_decay=0.0, lars=False, **extra)]
-
-
-def make_optimizer(groups, args):
-    groups = [g for g in groups if g["params"]]
-    if args.optimizer == "lars":
-        return LARS(groups, lr=args.lr, momentum=0.9)
-    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
-
-
 def build_train_loader(args, info, device, download):
     """Batches ((x_a, x_b), labels) of this rank's share: PIL augmentation in CPU workers, or with
-    --gpu_aug the whole uint8 split on the device, augmented there (data.GPULoader)."""
+    --gpu_aug the whole uint8 split on the device, augmented there (gpu_augment.GPULoader)."""
     if not args.gpu_aug:
         train_set = data.build_pretrain_dataset(args.dataset, args.data_dir, args.img_size, download,
                                                 args.jitter, args.num_images, args.seed)
         return data.build_loader(train_set, args.batch_size, args.workers, seed=args.seed)
-    images, labels = data.load_uint8(args.dataset, args.data_dir, args.img_size, download, args.num_images,
+    images, labels = gpu_augment.load_uint8(args.dataset, args.data_dir, args.img_size, download, args.num_images,
                                      args.seed, with_labels=True)
     jitter = args.jitter or info.get("jitter", data.DEFAULT_JITTER)
-    augment = data.GPUAugment(args.img_size, info["mean"], info["std"], jitter,
+    augment = gpu_augment.GPUAugment(args.img_size, info["mean"], info["std"], jitter,
                               info.get("crop_scale", (0.08, 1.0))).to(device)
-    return data.GPULoader(images.to(device), labels, args.batch_size, augment, seed=args.seed)
+    return gpu_augment.GPULoader(images.to(device), labels, args.batch_size, augment, seed=args.seed)
 
 
 # ---- models and optimisers ----------------------------------------------------------------------
@@ -294,38 +238,14 @@ def build_optimizers(model, args):
         groups += param_groups(net.predictor, args.lr, args.weight_decay, fixed_lr=args.method == "simsiam")
     if net.classifier is not None:      # the online probe: its own rate, no decay (LARS tames its steps)
         groups += param_groups(net.classifier, args.classifier_lr, 0.0)
-    opt_enc = make_optimizer(groups, args)
+    opt_enc = make_optimizer(groups, args.optimizer, args.lr)
     learned = args.mask_type == "adios" and model.masker is not None
-    opt_mask = make_optimizer(param_groups(model.masker, args.mask_lr, args.weight_decay), args) if learned else None
+    opt_mask = make_optimizer(param_groups(model.masker, args.mask_lr, args.weight_decay), args.optimizer,
+                              args.mask_lr) if learned else None
     return opt_enc, opt_mask
 
 
 # ---- checkpoints, logs, pictures --------------------------------------------------------------
-
-def save_checkpoint(state, path):
-    """Write to a temporary file, then rename: a crash or full disk mid-save leaves the old file intact.
-    A failed write stops the run (exit 1): training on without checkpoints would risk more than it gains."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())           # on disk before the rename: a power cut cannot leave an empty file
-        os.replace(tmp, path)              # atomic: readers see the old checkpoint or the new, never half
-    except OSError as e:
-        print(f"train.py: error: cannot write {path} ({e.strerror or e}); the previous checkpoint is intact: "
-              "free some space and rerun the same command", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def checkpoint_state(model, opt_enc, opt_mask, scaler, epoch, step, args):
-    return dict(model=model.state_dict(), encoder=model.encoder.state_dict(),
-                optimizers=dict(encoder=opt_enc.state_dict(), masker=opt_mask.state_dict() if opt_mask else None),
-                scaler=scaler.state_dict(), epoch=epoch, step=step, args=vars(args))
-
 
 @torch.no_grad()
 def save_mask_picture(model, images, mean, std, path):
@@ -374,12 +294,6 @@ def step_seed(seed, step, rank):
     """The torch seed of one iteration on one rank. Its random choices then depend on nothing else (not on
     evaluation between epochs, nor on where a run was resumed), like the views (data.SeededViews)."""
     return (seed * 1_000_003 + rank) * 100_000_007 + step
-
-
-def set_learning_rates(optimizer, step, warmup, total):
-    for group in optimizer.param_groups:
-        if not group.get("fixed_lr"):
-            group["lr"] = learning_rate(step, group["base_lr"], warmup, total)
 
 
 def first_non_finite(enc, msk):
@@ -467,81 +381,12 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
     return {**avg.means(), **lrs}, step
 
 
-# ---- checks before any work ---------------------------------------------------------------------
-
-def check_args(args):
-    """Answer bad input in one line (exit 2) before anything is built or read."""
-    if problem := device_problem(args.device):
-        fail(problem)
-    if args.num_masks < 0 or args.num_masks == 1 and args.mask_type == "adios":
-        fail(f"--num_masks {args.num_masks}: N must be 0 (the plain base method) or at least 2 "
-             "(one slot would hide the whole image)")
-    if args.img_size is None:
-        args.img_size = data.dataset_info(args.dataset)["img_size"] if args.dataset in data.DATASETS else 0
-    if args.dataset not in data.DATASETS or args.dataset == "flowers102":
-        fail(f"--dataset {args.dataset!r} is not a pretraining dataset: choose shapes, stl10, cifar10, "
-             "cifar100, imagenet100 or imagefolder")
-    if args.img_size <= 0:
-        fail(f"--img_size {args.img_size}: must be a positive number of pixels")
-    if args.mask_type == "adios" and args.num_masks >= 2:
-        try:
-            check_masker_args(args.num_masks, args.img_size, args.mask_channels, args.mask_norm,
-                              int(math.log2(args.img_size) - 1))
-        except ValueError as e:
-            fail(f"--img_size/--num_masks/--mask_channels: {e}")
-    try:
-        build_encoder(args.arch, args.img_size, args.stem)
-    except ValueError as e:
-        fail(f"--arch {args.arch} / --img_size {args.img_size}: {e}")
-    if args.batch_size < 2:
-        fail(f"--batch_size {args.batch_size}: contrastive losses need at least 2 images per process")
-    # Counts and rates out of range: named here rather than met later as a shape error or a NaN.
-    if problem := below_minimum(args, dict(epochs=1, num_images=1, max_steps=1, proj_hidden_dim=1, pred_hidden_dim=1,
-                                           proj_output_dim=1, warmup_epochs=0, save_every=0, workers=0)):
-        fail(problem)
-    for flag, positive in (("lr", True), ("mask_lr", True), ("temperature", True), ("weight_decay", False),
-                           ("alpha", False), ("classifier_lr", False)):
-        value = getattr(args, flag)
-        if value < 0 or positive and value == 0:
-            fail(f"--{flag} {value}: must be {'positive' if positive else 'at least 0'}")
-    if args.jitter is not None and (min(args.jitter) < 0 or args.jitter[3] > 0.5):
-        fail(f"--jitter {' '.join(map(str, args.jitter))}: strengths must be at least 0, and hue's at most 0.5")
-
-
-def check_output_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path) as f:     # a unique name: every rank probes at once
-            f.write(b"ok")
-    except OSError as e:
-        fail(f"--output_dir {path} cannot be written ({e.strerror}): choose another directory")
-
-
-def load_resume(path, args):
-    """The checkpoint to resume from, after checking it fits this run (one line if it does not)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                    # truncated, not a checkpoint, unreadable
-        fail(f"cannot resume: {path} cannot be read ({type(e).__name__}); delete it or restore a copy")
-    if not isinstance(ckpt, dict) or not {"model", "optimizers", "epoch", "step", "args"} <= ckpt.keys():
-        fail(f"cannot resume: {path} is not a checkpoint of train.py; move it away or choose another --output_dir")
-    # The model's shape, and what fixes the step ↔ (epoch, image) mapping that resume relies on.
-    for key in ("arch", "num_masks", "img_size", "method", "mask_type", "mask_channels", "stem",
-                "dataset", "num_images", "batch_size"):
-        if ckpt["args"].get(key) != getattr(args, key):
-            fail(f"cannot resume: {path} was made with --{key} {ckpt['args'].get(key)}, this run has "
-                 f"{getattr(args, key)}; use the same value or another --output_dir")
-    if ckpt["args"].get("world_size", args.world_size) != args.world_size:     # the global batch, likewise
-        fail(f"cannot resume: {path} was made by {ckpt['args']['world_size']} processes, this run has "
-             f"{args.world_size}; use the same torchrun --nproc_per_node or another --output_dir")
-    return ckpt
-
-
 # ---- main ---------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = resolve_args(get_args_parser().parse_args(argv))
-    check_args(args)
+    if problem := train_args_problem(args):
+        fail(problem)
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
     args.world_size = world
@@ -560,10 +405,13 @@ def main(argv=None):
         print(json.dumps(vars(args), indent=1))
     if args.dry_run:
         return vars(args)
-    check_output_dir(args.output_dir)
+    if problem := output_dir_problem(args.output_dir):
+        fail(problem)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     # Resume whenever there is a checkpoint: rerunning the command (or torchrun restarting it) continues.
-    resume = load_resume(ckpt_path, args) if os.path.exists(ckpt_path) else None
+    resume, problem = load_for_resume(ckpt_path, args) if os.path.exists(ckpt_path) else (None, None)
+    if problem:
+        fail(problem)
     if args.resume and resume is None and is_main:
         print(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
 
