@@ -121,6 +121,9 @@ def get_args_parser():
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for both players (default: on for CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder and masker (GPU)")
+    g.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="with several processes, BatchNorm statistics over the global batch, still per slot "
+                        "(encoders.SlotSyncBatchNorm); --no-sync_bn keeps each process's own")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output_dir", default="./runs/adios")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth (automatic "
@@ -225,7 +228,7 @@ def build_model(args, num_classes, world=1, device=torch.device("cpu")):
             model.masker.compile()
     if world > 1:      # SyncBatchNorm (per slot) on GPUs: statistics over the global batch
         on_gpu = device.type == "cuda"
-        model.distribute(device_ids=[device.index] if on_gpu else None, sync_batchnorm=on_gpu)
+        model.distribute(device_ids=[device.index] if on_gpu else None, sync_batchnorm=args.sync_bn and on_gpu)
     return model
 
 
