@@ -5,30 +5,41 @@
     python bench.py --device cpu --threads 1 # the same on a CPU shared with other work (see --threads)
     python bench.py --method byol --precision fp32 --steps 5      # any recipe flag of train.py's kind
     python bench.py --loader                 # the input pipeline alone: CPU workers vs GPUAugment
+    python bench.py --device cpu --world 2   # what per-slot synchronised BatchNorm costs: 2 processes (gloo) vs 1
 
 One iteration = the encoder step + the masker step (Sec. 2). "ours" is train.adios_step exactly as
 train.py runs it (clean view encoded once per step, the N masked views as one batch with per-slot
 BatchNorm statistics, autocast, channels_last on CUDA); "released" is a transcription of the released
 code's schedule built from the same modules and the same adios.py losses: fp32, one call per slot, the
-clean view encoded again for every slot in both steps (ADIOS_SPEC.md §10). The two run in the same
+clean view encoded again for every slot in both steps (README: "Performance"). The two run in the same
 process, interleaved, after warm-up; the table gives medians over repeats, the last line one JSON object.
-Inputs are random tensors: the input pipeline is timed on its own by --loader. README: "Performance".
+Inputs are random tensors: the input pipeline is timed on its own by --loader. --world K times ours in
+K processes (gloo; each with --batch_size images, BatchNorm per slot over all K: the torchrun path)
+against one, and counts the collectives of one iteration. README: "Performance".
 """
 import argparse
+import collections
+import contextlib
 import json
 import os
+import socket
 import statistics
+import sys
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
 import cli_checks
 import data
 import gpu_augment
+import optim
+import run_setup
 import train
 from adios import METHODS, byol_loss, frozen, occlude, probe_loss, simclr_loss, sparsity_penalty, symmetric_simsiam
-from encoders import ARCHS, STEMS
+from encoders import ARCHS, STEMS, convert_to_slot_batchnorm
 from optim import set_learning_rates
 
 
@@ -69,10 +80,13 @@ def get_args_parser():
     g.add_argument("--batches", type=int, default=10, help="timed batches per setting (at least 4 per worker)")
     g.add_argument("--num_images", type=int, default=None, help="images for GPUAugment's uint8 tensor "
                    "(default: all; 1024 for shapes, which is generated)")
+    g = p.add_argument_group("--world: the cost of synchronised BatchNorm (CPU)")
+    g.add_argument("--world", type=int, default=None, help="K processes (gloo), each with --batch_size images and "
+                   "--threads threads (default: the cores divided by K), against one process")
     return p
 
 
-# ---- the released schedule (ADIOS_SPEC.md §10, first bullet) ------------------------------------
+# ---- the released schedule (README: "Performance") ------------------------------------------------
 # The released code re-encodes the clean view once per slot in both steps, though one pass gives
 # identical gradients, and encodes the N masked views in N separate calls. Same losses as adios.py.
 
@@ -169,11 +183,11 @@ def train_args(a, device):
     return args
 
 
-def build_side(args, device, num_classes):
+def build_side(args, device, num_classes, world=1):
     """(model, encoder optimiser, masker optimiser) as train.main builds them, at the warmup's first rate
     (0.003), so that the weights stay sane over the benchmark's few dozen steps."""
-    model = train.build_model(args, num_classes=num_classes, world=1, device=device)
-    opt_enc, opt_mask = train.build_optimizers(model, args)
+    model = run_setup.build_model(args, num_classes=num_classes, world=world, device=device)
+    opt_enc, opt_mask = optim.build_optimizers(model, args)
     for opt in (opt_enc, opt_mask):
         set_learning_rates(opt, step=0, warmup=1, total=2)
     return model, opt_enc, opt_mask
@@ -353,6 +367,129 @@ def bench_loader(a, device):
     return result
 
 
+# ---- --world: K processes against one ------------------------------------------------------------
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "broadcast")
+CALLERS = {"encoders": "batchnorm", "adios": "simclr_negatives"}     # the file that calls → what it is
+
+
+@contextlib.contextmanager
+def counting_collectives():
+    """Count the torch.distributed collectives called inside the block, by what calls them (CALLERS).
+    DDP's gradient all-reduces are issued from C++ and are not counted."""
+    counts, real = collections.Counter(), {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            module = sys._getframe(1).f_globals.get("__name__")
+            counts[CALLERS.get(module, "other")] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for name, fn in real.items():
+        setattr(dist, name, counted(fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+
+
+def world_sides(args, num_classes, world):
+    """Step functions of one iteration in this process: "sync", ours as torchrun runs it; "local", the same
+    with this process's own BatchNorm statistics; "released", the released schedule with synchronised
+    BatchNorm (one call per slot; no DDP wrapper: it is counted, not timed)."""
+    g = torch.Generator().manual_seed(dist.get_rank())         # each process its own images
+    x_a, x_b = torch.randn(2, args.batch_size, 3, args.img_size, args.img_size, generator=g)
+    labels = torch.randint(num_classes, (args.batch_size,), generator=g)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    sides = {}
+    for name in ("sync", "local", "released"):
+        args.sync_bn = name == "sync"
+        torch.manual_seed(0)
+        processes = 1 if name == "released" else world        # 1: no DDP wrapper
+        model, opt_enc, opt_mask = build_side(args, torch.device("cpu"), num_classes, processes)
+        if name == "released":
+            model.batch_slots = False
+            for module in (model.net, model.target):
+                if module is not None:
+                    convert_to_slot_batchnorm(module, sync=True)
+            sides[name] = lambda m=model, e=opt_enc, k=opt_mask: released_iteration(m, x_a, x_b, labels, e, k)
+        else:
+            sides[name] = lambda m=model, e=opt_enc, k=opt_mask: train.adios_step(
+                m, x_a, x_b, labels, e, k, scaler, contextlib.nullcontext)
+    return sides
+
+
+def world_worker(rank, a, args, port, num_classes, results):
+    """One of the K processes: times "sync" and "local" interleaved, counts the collectives of each side."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(a.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=a.world)
+    sides = world_sides(args, num_classes, a.world)
+    collectives = {}
+    for name, step in sides.items():
+        with counting_collectives() as counts:
+            step()                                            # also the warm-up
+        collectives[name] = dict(counts)
+    times = {"sync": [], "local": []}
+    for _ in range(a.warmup):
+        sides["sync"]()
+        sides["local"]()
+    for _ in range(a.repeats):
+        for name in times:
+            dist.barrier()                                    # every process starts the block together
+            times[name].append(time_block(sides[name], a.steps, torch.device("cpu"))[0])
+    if rank == 0:
+        results.put(dict(times=times, collectives=collectives))
+    dist.destroy_process_group()
+
+
+def bench_world(a, device):
+    """ms per iteration of ours in one process, and in a.world processes (gloo, each with --batch_size
+    images) with and without synchronised BatchNorm; the collectives of one iteration per process."""
+    if device.type != "cpu":
+        fail("--world times gloo processes on the CPU: add --device cpu (on GPUs, torchrun train.py shows the cost)")
+    args = train_args(a, device)
+    num_classes = data.dataset_info(a.dataset)["num_classes"] or 10
+    a.threads = a.threads or max(1, (os.cpu_count() or 1) // a.world)
+    torch.set_num_threads(a.threads)
+    print(f"{a.arch}, {a.method}, {args.img_size} px, batch {args.batch_size} per process, N {args.num_masks}; "
+          f"{a.world} processes (gloo) vs 1, {a.threads} thread(s) each; {a.repeats} × {a.steps} steps")
+    torch.manual_seed(0)
+    model, opt_enc, opt_mask = build_side(args, device, num_classes)      # one process: no process group
+    x_a, x_b = torch.randn(2, args.batch_size, 3, args.img_size, args.img_size)
+    labels = torch.randint(num_classes, (args.batch_size,))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step():
+        train.adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, contextlib.nullcontext)
+
+    for _ in range(a.warmup):
+        step()
+    single = statistics.median(time_block(step, a.steps, device)[0] for _ in range(a.repeats))
+    with socket.socket() as s:                                # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(world_worker, args=(a, args, port, num_classes, results), nprocs=a.world)
+    out = results.get()
+    sync, local = (statistics.median(out["times"][k]) for k in ("sync", "local"))
+    result = dict(mode="world", world=a.world, threads_per_process=a.threads, device=device_name(device),
+                  single_ms=round(single, 1), world_ms=round(sync, 1), world_local_bn_ms=round(local, 1),
+                  sync_bn_ms=round(sync - local, 1), world_over_single=round(sync / single, 3),
+                  collectives_per_iteration=dict(ours=out["collectives"]["sync"],
+                                                 released=out["collectives"]["released"]),
+                  config=dict(arch=a.arch, method=a.method, img_size=args.img_size, batch_size=args.batch_size,
+                              num_masks=args.num_masks, steps=a.steps, warmup=a.warmup, repeats=a.repeats))
+    print(f"ms / iteration: 1 process {single:.1f}; {a.world} processes {sync:.1f} with synchronised BatchNorm, "
+          f"{local:.1f} without (synchronising: {sync - local:+.1f} ms, {100 * (sync - local) / local:+.1f} %)")
+    for name in ("ours", "released"):
+        print(f"collectives per iteration and process, {name}: {result['collectives_per_iteration'][name]} "
+              "(DDP's gradient all-reduces not counted)")
+    return result
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 def fail(message):
@@ -363,7 +500,8 @@ def main(argv=None):
     a = get_args_parser().parse_args(argv)
     if problem := cli_checks.device_problem(a.device):
         fail(problem)
-    if problem := cli_checks.below_minimum(a, dict(steps=1, repeats=1, threads=1, warmup=0, batches=1, num_images=1)):
+    if problem := cli_checks.below_minimum(a, dict(steps=1, repeats=1, threads=1, warmup=0, batches=1, num_images=1,
+                                                   world=2)):
         fail(problem)
     return run(a)
 
@@ -377,7 +515,7 @@ def run(a):
     a.steps = a.steps or (10 if cuda else 2)
     a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     a.repeats = a.repeats or (5 if cuda else 3)
-    result = bench_loader(a, device) if a.loader else bench_iteration(a, device)
+    result = bench_loader(a, device) if a.loader else bench_world(a, device) if a.world else bench_iteration(a, device)
     print(json.dumps(result))
     return result
 

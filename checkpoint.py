@@ -1,18 +1,26 @@
-"""Checkpoints of train.py: one plain dict, never half-written, checked before a run continues from it.
+"""Checkpoints of train.py, and the stops that keep them good.
 
-The dict: `model` (the whole ADIOS state), `encoder` (the backbone alone, loadable into torchvision),
-`optimizers` (`encoder`, `masker`), `scaler`, `epoch` (completed epochs), `step`, `args` (every resolved
-flag). README: "Reading the outputs", "When things go wrong".
+A checkpoint is one plain dict, never half-written, checked before a run continues from it: `model`
+(the whole ADIOS state), `encoder` (the backbone alone, loadable into torchvision), `optimizers`
+(`encoder`, `masker`), `scaler`, `epoch` (completed epochs), `step`, `args` (every resolved flag). A stop
+signal (SIGTERM, SIGINT) finishes the iteration and saves on every rank; a NaN or infinity stops the
+run without saving, so the last checkpoint is the last good state. README: "Reading the outputs",
+"When things go wrong".
 """
+import math
 import os
+import signal
 import sys
 
 import torch
+import torch.distributed as dist
+
+from adios import distributed_world
 
 # What a resumed run must share with the checkpoint: the model's shape, and what fixes which images a
 # step trains on (the step ↔ (epoch, image) mapping that an exact mid-epoch resume relies on).
-MUST_MATCH = ("arch", "num_masks", "img_size", "method", "mask_type", "mask_channels", "stem",
-              "dataset", "num_images", "batch_size")
+MUST_MATCH = ("arch", "num_masks", "img_size", "method", "mask_type", "mask_channels", "mask_norm", "mask_blocks",
+              "stem", "dataset", "num_images", "batch_size")
 
 
 def checkpoint_state(model, opt_enc, opt_mask, scaler, epoch, step, args):
@@ -32,9 +40,8 @@ def save_checkpoint(state, path):
             os.fsync(f.fileno())           # on disk before the rename: a power cut cannot leave an empty file
         os.replace(tmp, path)              # atomic: readers see the old checkpoint or the new, never half
     except OSError as e:
-        print(f"train.py: error: cannot write {path} ({e.strerror or e}); the previous checkpoint is intact: "
-              "free some space and rerun the same command", file=sys.stderr)
-        sys.exit(1)
+        error_exit(f"cannot write {path} ({e.strerror or e}); the previous checkpoint is intact: free some "
+                   "space and rerun the same command")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -49,11 +56,101 @@ def load_for_resume(path, args):
     if not isinstance(ckpt, dict) or not {"model", "optimizers", "epoch", "step", "args"} <= ckpt.keys():
         return None, (f"cannot resume: {path} is not a checkpoint of train.py; move it away or choose "
                       "another --output_dir")
-    for key in MUST_MATCH:
-        if ckpt["args"].get(key) != getattr(args, key):
+    for key in MUST_MATCH:                                    # (a key older checkpoints lack is not checked)
+        if key in ckpt["args"] and ckpt["args"][key] != getattr(args, key):
             return None, (f"cannot resume: {path} was made with --{key} {ckpt['args'].get(key)}, this run has "
                           f"{getattr(args, key)}; use the same value or another --output_dir")
     if ckpt["args"].get("world_size", args.world_size) != args.world_size:     # the global batch, likewise
         return None, (f"cannot resume: {path} was made by {ckpt['args']['world_size']} processes, this run has "
                       f"{args.world_size}; use the same torchrun --nproc_per_node or another --output_dir")
     return ckpt, None
+
+
+def find_checkpoint(args, device, announce=True):
+    """(the checkpoint in --output_dir this run continues from, or None; None, or one line why it cannot).
+    Every rank reads it, so every rank must see it (on several machines: a shared --output_dir)."""
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    found, missing = agree([os.path.exists(path), not os.path.exists(path)], device)
+    if found and missing:
+        return None, (f"--output_dir {args.output_dir}: some processes see {path} and others do not; put "
+                      "--output_dir on a filesystem every machine shares")
+    if not os.path.exists(path):
+        if args.resume and announce:
+            print(f"--resume: no checkpoint at {path} yet, starting from scratch")
+        return None, None
+    ckpt, problem = load_for_resume(path, args)
+    if ckpt is not None and announce:
+        made = ckpt["args"].get("epochs", args.epochs)     # a longer or shorter run stretches the schedule
+        other = f"; it was made with --epochs {made}, the schedule now spans {args.epochs}" if made != args.epochs else ""
+        print(f"resuming from {path}: epoch {ckpt['epoch']}, step {ckpt['step']}{other}")
+    return ckpt, problem
+
+
+# ---- stopping: signals, non-finite numbers --------------------------------------------------------
+
+def error_exit(message):
+    """A failure during the run (not the user's input): one line on stderr, exit code 1."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def catch_stop_signals():
+    """SIGTERM/SIGINT set stop["signal"]; the run then finishes its iteration, saves and exits 0."""
+    stop = {"signal": None}
+    stop["handlers"] = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
+                        for s in (signal.SIGTERM, signal.SIGINT)}
+    return stop
+
+
+def release(stop):
+    """Put the previous signal handlers back and leave the process group."""
+    for s, handler in stop["handlers"].items():
+        signal.signal(s, handler)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def must_stop(enc, msk, stop, step, epoch, device):
+    """After an iteration: exit 1 if any rank's loss is NaN or infinite (nothing saved); True if a stop
+    signal reached any rank (every rank then stops after this same iteration)."""
+    bad = first_non_finite(enc, msk)
+    any_bad, any_stop = agree([bad is not None, stop["signal"] is not None], device)
+    if any_bad:
+        error_exit(f"non-finite {bad or 'loss on another rank'} at step {step} (epoch {epoch}); stopped without "
+                   "saving, the last checkpoint is intact. Lower --lr or --mask_lr, raise --alpha, or use "
+                   "--precision fp32")
+    if any_stop:
+        stop["signal"] = stop["signal"] or "on another rank"
+    return any_stop
+
+
+def stop_agreed(stop, step, device):
+    """At an epoch's end: True on every rank if a stop signal reached any of them (said once, by rank 0)."""
+    if not agree([stop["signal"] is not None], device)[0]:
+        return False
+    stop["signal"] = stop["signal"] or "on another rank"
+    if distributed_world()[0] == 0:
+        print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun the same command to continue")
+    return True
+
+
+def first_non_finite(enc, msk):
+    """Name of the first loss term that is NaN or infinite this iteration, or None."""
+    terms = [("encoder loss", enc.get("ssl_loss")), ("online probe loss", enc.get("online_ce")),
+             ("masker loss", msk.get("ssl_loss")), ("sparsity penalty", msk.get("penalty"))]
+    return next((name for name, v in terms if v is not None and not math.isfinite(v)), None)
+
+
+def first_non_finite_weight(model):
+    """Name of the first parameter holding a NaN or infinity, or None: a non-finite gradient can spoil
+    the weights while the loss that produced it was finite, so this is checked before every save."""
+    return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+
+
+def agree(flags, device):
+    """Each flag True on every rank if it is True on any (a non-finite loss, a stop request)."""
+    if distributed_world()[1] == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

@@ -5,7 +5,6 @@ the fix, or None; the entry point prints it under its own name with `fail` (exit
 traceback from inside torch. README: "When things go wrong".
 """
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -86,10 +85,9 @@ def train_args_problem(args):
         return f"--img_size {args.img_size}: must be a positive number of pixels"
     if args.mask_type == "adios" and args.num_masks >= 2:
         try:
-            check_masker_args(args.num_masks, args.img_size, args.mask_channels, args.mask_norm,
-                              int(math.log2(args.img_size) - 1))
+            check_masker_args(args.num_masks, args.img_size, args.mask_channels, args.mask_norm, args.mask_blocks)
         except ValueError as e:
-            return f"--img_size/--num_masks/--mask_channels: {e}"
+            return f"--img_size/--num_masks/--mask_channels/--mask_blocks: {e}"
     try:
         build_encoder(args.arch, args.img_size, args.stem)
     except ValueError as e:
@@ -100,8 +98,11 @@ def train_args_problem(args):
     if problem := below_minimum(args, dict(epochs=1, num_images=1, max_steps=1, proj_hidden_dim=1, pred_hidden_dim=1,
                                            proj_output_dim=1, warmup_epochs=0, save_every=0, workers=0)):
         return problem
+    if not 0 <= args.encoder_early_end < args.epochs:
+        return (f"--encoder_early_end {args.encoder_early_end}: must be at least 0 and below --epochs "
+                f"{args.epochs} (the encoder's schedule spans epochs − encoder_early_end)")
     for flag, positive in (("lr", True), ("mask_lr", True), ("temperature", True), ("weight_decay", False),
-                           ("alpha", False), ("classifier_lr", False)):
+                           ("alpha", False), ("alpha_entropy", False), ("classifier_lr", False)):
         value = getattr(args, flag)
         if value < 0 or positive and value == 0:
             return f"--{flag} {value}: must be {'positive' if positive else 'at least 0'}"

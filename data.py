@@ -2,34 +2,36 @@
 
 Datasets (`--dataset`), and what `--data_dir` must hold:
     shapes       nothing: a synthetic set of discs, squares, triangles and crosses drawn on the fly, with a
-                 ground-truth object map per image (for the adjusted Rand index of the masks, spec Sec. 8)
+                 ground-truth object map per image (the masks' adjusted Rand index, README "Evidence on shapes")
     stl10        data_dir/stl10_binary/        pretrain on train+unlabeled (105k), probe train 5k / test 8k
     cifar10/100  data_dir/cifar-10-batches-py/ or cifar-100-python/
     flowers102   data_dir/flowers-102/         transfer only: probe on train+val, test on test
     imagenet100  data_dir/train/<class>/*.JPEG and data_dir/val/<class>/*.JPEG (the CMC 100-class list)
-    imagefolder  the same layout, any classes
+    imagefolder  the same layout, any classes (Backgrounds Challenge, iNaturalist 2021: README "Recipes")
 torchvision's files are downloaded only when asked (`download=True`); otherwise a missing dataset raises
 DataError with a one-line fix. README: "Quickstart", "Recipes", "When things go wrong".
 """
 import itertools
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
+from shapes import Shapes
+
 
 class DataError(ValueError):
     """A dataset is unknown, absent, incomplete or corrupt; the message says how to fix it, in one line."""
 
 
-# ---- per-dataset defaults (spec Sec. 6) ----
+# ---- per-dataset defaults (as the released code; README "Recipes") ----
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)  # the spec uses these for STL10 too
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)  # as the released code, for STL10 too
+# 0.228, not torchvision's 0.229: the released value, kept so that the numbers match the released runs.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
 # Measured over the first 2048 training images of Shapes(seed=0) at 32 px (the statistics barely move with size).
 SHAPES_MEAN, SHAPES_STD = (0.501, 0.498, 0.499), (0.227, 0.226, 0.225)
 
@@ -53,116 +55,6 @@ def dataset_info(name):
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     return DATASETS[name]
-
-
-# ---- shapes: a synthetic dataset with known objects ----
-
-SHAPE_CLASSES = ("disc", "square", "triangle", "cross")
-SPLIT_IDS = {"train": 0, "test": 1}
-
-
-def _background(rng, yy, xx, size):
-    """A random colour gradient plus coloured stripes, so that 'flat colour = background' is no shortcut."""
-    colour_a, colour_b = rng.uniform(0.15, 0.85, size=(2, 3))
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.clip(((xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle)) / size + 0.5, 0, 1)
-    img = colour_a + t[..., None] * (colour_b - colour_a)  # (H, W, 3)
-    cycles, stripe_angle, phase = rng.uniform(2, 6), rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)
-    along = (xx * np.cos(stripe_angle) + yy * np.sin(stripe_angle)) / size
-    stripes = np.sin(2 * np.pi * cycles * along + phase)  # (H, W)
-    return img + 0.1 * stripes[..., None] * rng.uniform(-1, 1, size=3)  # (H, W, 3)
-
-
-def _shape_mask(kind, dy, dx, r, angle):
-    """Boolean (H, W) mask of one shape of 'radius' r centred at dy = dx = 0, rotated by angle.
-
-    The sizes are set so every class covers about pi r^2 pixels: the label (largest object) then does not
-    favour one class, and size is no cue to the class.
-    """
-    u = dx * np.cos(angle) + dy * np.sin(angle)  # coordinates in the shape's own frame
-    v = -dx * np.sin(angle) + dy * np.cos(angle)
-    if kind == 0:  # disc
-        return u * u + v * v <= r * r
-    if kind == 1:  # square, half-side h: 4 h^2 = pi r^2
-        h = 0.886 * r
-        return (np.abs(u) <= h) & (np.abs(v) <= h)
-    if kind == 2:  # equilateral triangle, inradius rho: 3 sqrt(3) rho^2 = pi r^2
-        rho = 0.778 * r
-        sides = [u * np.cos(a) + v * np.sin(a) <= rho for a in np.pi / 2 + np.array([0, 2, 4]) * np.pi / 3]
-        return sides[0] & sides[1] & sides[2]  # inside all three edges
-    arm, half_width = 1.19 * r, 1.19 * r / 3  # cross: two bars, area 20/9 arm^2 = pi r^2
-    return ((np.abs(u) <= arm) & (np.abs(v) <= half_width)) | ((np.abs(v) <= arm) & (np.abs(u) <= half_width))
-
-
-def render_shapes(seed, split_id, index, img_size):
-    """Draw image `index`: uint8 (H, W, 3) image, int64 (H, W) object map (0 background, k = k-th object), kinds.
-
-    Everything comes from np.random.default_rng([seed, split_id, index]): the same triple always gives the
-    same image, and train (split_id 0) and test (split_id 1) draw from different seed sequences, so their
-    images are independent draws (with per-pixel noise, two equal images have probability ~0).
-    """
-    rng = np.random.default_rng([seed, split_id, index])
-    yy, xx = np.mgrid[0:img_size, 0:img_size] + 0.5  # pixel centres, (H, W) each
-    img = _background(rng, yy, xx, img_size)  # (H, W, 3) floats
-    object_map = np.zeros((img_size, img_size), dtype=np.int64)
-    kinds = rng.integers(0, len(SHAPE_CLASSES), size=rng.integers(1, 4))  # one to three objects
-    for k, kind in enumerate(kinds, start=1):
-        # The first object is big (14-20 px across at 32 px) and drawn first; the others are smaller
-        # distractors (8-12 px) drawn over it. So one object usually dominates (a clear label) and is often
-        # partly occluded, and every object still counts for the object map.
-        r = (rng.uniform(7, 10) if k == 1 else rng.uniform(4, 6)) * img_size / 32
-        cy, cx = rng.uniform(r, img_size - r, size=2)
-        mask = _shape_mask(kind, yy - cy, xx - cx, r, rng.uniform(0, 2 * np.pi))
-        # Of three random colours take the one farthest from the background under the centre: always visible.
-        candidates = rng.uniform(0, 1, size=(3, 3))
-        local = img[int(cy), int(cx)]
-        img[mask] = candidates[np.abs(candidates - local).sum(1).argmax()]
-        object_map[mask] = k  # later objects occlude earlier ones
-    img = img + rng.normal(0, 0.03, size=img.shape)  # pixel noise
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), object_map, kinds
-
-
-class Shapes(torch.utils.data.Dataset):
-    """One to three shapes on a textured background; label = class of the object with most visible pixels.
-
-    Images are generated from (seed, split, index) when asked for: no files, and image i never changes.
-    """
-
-    classes = SHAPE_CLASSES
-    num_classes = len(SHAPE_CLASSES)
-
-    def __init__(self, split="train", img_size=32, num_images=4096, seed=0, transform=None):
-        if split not in SPLIT_IDS:
-            raise DataError(f"Shapes split must be one of {list(SPLIT_IDS)}, not {split!r}")
-        self.split, self.img_size, self.num_images, self.seed = split, img_size, num_images, seed
-        self.transform = transform
-
-    def __len__(self):
-        return self.num_images
-
-    def render(self, i):
-        """uint8 (H, W, 3) image, int64 (H, W) object map, and the class index of each object."""
-        if not 0 <= i < self.num_images:
-            raise IndexError(f"index {i} out of range for {self.num_images} images")
-        return render_shapes(self.seed, SPLIT_IDS[self.split], i, self.img_size)
-
-    def object_map(self, i):
-        """int64 (H, W): 0 background, k = 1..K the visible pixels of the k-th object drawn."""
-        return self.render(i)[1]
-
-    def label(self, i):
-        """Class index of the object with the most visible pixels (after occlusion)."""
-        return largest_object_class(*self.render(i)[1:])
-
-    def __getitem__(self, i):
-        img, object_map, kinds = self.render(i)
-        pil = Image.fromarray(img)
-        return (pil if self.transform is None else self.transform(pil)), largest_object_class(object_map, kinds)
-
-
-def largest_object_class(object_map, kinds):
-    visible = np.bincount(object_map.ravel(), minlength=len(kinds) + 1)[1:]  # pixels per object, (K,)
-    return int(kinds[visible.argmax()])
 
 
 # ---- torchvision datasets and image folders ----
@@ -282,6 +174,46 @@ def _image_folder(data_dir, split, transform):
     return datasets.ImageFolder(os.path.join(data_dir, "val" if split == "test" else "train"), transform=transform)
 
 
+def extra_test_set(path, classes, transform):
+    """An extra test set for a probe trained on an image folder whose class folders are `classes`
+    (sorted, as ImageFolder numbers them): robustness (the Backgrounds Challenge's mixed_rand, only_fg,
+    ...) or any other test images of the same classes.
+
+    path holds val/<class>/<image> (the Backgrounds Challenge release: bg_challenge/mixed_same/val/00_dog/...)
+    or <class>/<image> directly. Its class folders must be some of `classes`, matched by name, so a test
+    folder that lacks a class still gets the training labels. Returns an ImageFolder yielding (image, label).
+    """
+    root = os.path.join(path, "val") if os.path.isdir(os.path.join(path, "val")) else path
+    layout = f"expected {path}/val/<class>/<image> or {path}/<class>/<image>"
+    if not os.path.isdir(root):
+        raise DataError(f"--test_dirs {path} does not exist; {layout}")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    unknown = [c for c in found if c not in classes]
+    if not found or unknown:
+        what = f"class folders the training folder lacks ({', '.join(unknown[:3])})" if unknown else "no class folders"
+        named = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+        raise DataError(f"--test_dirs {path}: {root} holds {what}; name its class folders as the training "
+                        f"folder's ({named}), or leave it out of --test_dirs")
+    for c in found:
+        if not _has_image(os.path.join(root, c)):
+            raise DataError(f"--test_dirs {path}: class folder {os.path.join(root, c)} holds no images "
+                            f"({' '.join(IMG_EXTENSIONS)})")
+    dataset = datasets.ImageFolder(root, transform=transform)
+    label = {c: classes.index(c) for c in found}          # this folder's class -> the training label
+    dataset.samples = [(file, label[dataset.classes[k]]) for file, k in dataset.samples]
+    dataset.targets = [k for _, k in dataset.samples]
+    dataset.imgs, dataset.classes = dataset.samples, list(classes)
+    dataset.class_to_idx = {c: i for i, c in enumerate(classes)}
+    return dataset
+
+
+def build_test_folders(name, paths, classes, img_size):
+    """{path: extra_test_set} with the dataset's test view, for eval_linear.py --test_dirs."""
+    info = dataset_info(name)
+    transform = eval_transform(img_size, info["mean"], info["std"], eval_resize(name, img_size))
+    return {path: extra_test_set(path, classes, transform) for path in paths}
+
+
 def stored_dataset(name, data_dir, split, transform, download):
     """Any dataset but shapes, for split 'pretrain', 'train' or 'test'."""
     if not data_dir:
@@ -291,7 +223,7 @@ def stored_dataset(name, data_dir, split, transform, download):
     return _image_folder(data_dir, split, transform)
 
 
-# ---- transforms (spec Sec. 6 and Sec. 8) ----
+# ---- transforms (as the released code; README "Recipes") ----
 
 DEFAULT_JITTER = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
 
@@ -302,7 +234,7 @@ def blur_kernel_size(img_size):
 
 
 def pretrain_transform(img_size, mean, std, jitter=DEFAULT_JITTER, crop_scale=(0.08, 1.0)):
-    """One random view for pretraining: both views of a pair use this (spec Sec. 6; solarisation p = 0)."""
+    """One random view for pretraining: both views of a pair use this (as the released code; solarisation p = 0)."""
     return transforms.Compose([
         transforms.RandomResizedCrop(img_size, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
@@ -324,10 +256,30 @@ class TwoViews:
         return self.transform(img), self.transform(img)
 
 
-def eval_transform(img_size, mean, std):
-    """Resize the short side to img_size, centre crop: the whole image for square data, no stretching otherwise."""
+def eval_resize(name, img_size):
+    """The short side (px) a test image is resized to before its centre img_size × img_size crop.
+
+    As the released code: ImageNet100 and ImageNet100-S resize to 256 at either size, so at 96 px the
+    test view is the central 96 × 96 of a 256-px image, about 14 % of its area; STL10 resizes the whole
+    (square) image to img_size. Our choices where the released code has no transfer protocol: square
+    data (shapes, CIFAR) as STL10, the whole image; photos of any shape and size (flowers102, image
+    folders such as the Backgrounds Challenge or iNaturalist) ImageNet's 224/256 crop at every size,
+    which at 224 px is the released ImageNet view and at 96 px keeps ~77 % of the image.
+    """
+    if name == "imagenet100":
+        return max(256, img_size)                # above 256 px: the whole short side, never padding
+    if name in ("flowers102", "imagefolder"):
+        return round(img_size * 256 / 224)       # 256 at 224 px, 110 at 96 px
+    return img_size
+
+
+def eval_transform(img_size, mean, std, resize=None):
+    """The deterministic test view: resize the short side to `resize` (default img_size), centre crop
+    img_size × img_size. With resize = img_size a square image is resized whole, as the released
+    Resize((size, size)); eval_resize gives each dataset's `resize`. Bilinear, as the released code.
+    """
     return transforms.Compose([
-        transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(resize or img_size, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
@@ -335,9 +287,10 @@ def eval_transform(img_size, mean, std):
 
 
 def linear_train_transform(img_size, mean, std):
-    """The linear probe's training augmentation (spec Sec. 8): random crop and flip, no colour changes."""
+    """The augmented linear probe's training views, as the released code: RandomResizedCrop (scale
+    0.08–1, bilinear) and a horizontal flip, no colour changes (README "Recipes")."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
@@ -393,12 +346,13 @@ class SeededViews(torch.utils.data.Dataset):
 def build_eval_datasets(name, data_dir, img_size, download=False, augment=False, seed=0, num_images=None):
     """(train_ds, test_ds, num_classes) for the linear probe and kNN, yielding (image, label).
 
-    augment=False: the eval transform on both (kNN, feature extraction); True: linear_train_transform on
-    train. For shapes, train is the pretraining set (first num_images, default 4096) and test holds a
-    quarter as many images from the disjoint test stream.
+    The test split always gets the dataset's test view (eval_transform with eval_resize: the released
+    one for STL10 and ImageNet100(-S)); train gets it too with augment=False (cached features, kNN),
+    linear_train_transform with augment=True. For shapes, train is the pretraining set (first
+    num_images, default 4096) and test holds a quarter as many images from the disjoint test stream.
     """
     info = dataset_info(name)
-    test_tf = eval_transform(img_size, info["mean"], info["std"])
+    test_tf = eval_transform(img_size, info["mean"], info["std"], eval_resize(name, img_size))
     train_tf = linear_train_transform(img_size, info["mean"], info["std"]) if augment else test_tf
     if name == "shapes":
         n = num_images or 4096
@@ -429,13 +383,14 @@ def build_loader(dataset, batch_size, workers, shuffle=True, drop_last=True, see
 
 
 class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start an epoch part-way: set `start` (in samples) to skip the first
-    ones of this epoch's order without loading them (resuming after a mid-epoch stop), then back to 0."""
+    """A DistributedSampler that can start an epoch part-way: `set_epoch(epoch, start)` skips the first
+    `start` samples of this epoch's order without loading them (resuming after a mid-epoch stop)."""
     start = 0
 
-    def set_epoch(self, epoch):
-        """This epoch's order, and (a SeededViews dataset) its views."""
+    def set_epoch(self, epoch, start=0):
+        """This epoch's order, and (a SeededViews dataset) its views; begin `start` samples in."""
         super().set_epoch(epoch)
+        self.start = start
         if isinstance(self.dataset, SeededViews):
             self.dataset.epoch = epoch
 

@@ -1,14 +1,16 @@
-"""Backbones and heads of the inference model f_θ (ADIOS_SPEC.md §4–5), and the per-slot BatchNorm
-that lets ADIOS encode N masked views in one call. README: "Reading guide".
+"""Backbones and heads of the inference model f_θ (ADIOS paper, Sec. 4), and the per-slot BatchNorm
+that lets ADIOS encode N masked views in one call, in one process or synchronised over many.
+README: "Reading guide".
 
 `build_encoder(arch, img_size)` returns a backbone mapping (B, 3, H, W) to features (B, D) and D.
-The heads turn features into the embeddings each base method compares. Needs torch and torchvision.
+The heads turn features into the embeddings each base method compares. Needs torch, and torchvision
+only to build a backbone (imported there).
 """
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-import torchvision
 
 ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small")
 STEMS = ("auto", "standard", "small")
@@ -19,7 +21,7 @@ def build_encoder(arch, img_size, stem="auto"):
 
     ResNets are torchvision's with `fc` replaced by the identity, so the state_dict keys are
     torchvision's minus `fc.*`. stem="auto" keeps the ImageNet stem (7×7 stride-2 conv + max-pool)
-    from 64 px up and uses the CIFAR stem (3×3 stride-1 conv, no max-pool) below (ADIOS_SPEC.md §5);
+    from 64 px up and uses the CIFAR stem (3×3 stride-1 conv, no max-pool) below (README: "Recipes");
     "standard"/"small" force one. The small stem costs ~15× more at 32 px: on a CPU at 32 px the
     standard stem is the affordable one.
     ViTs are torchvision's VisionTransformer (patch 16) returning the CLS token's features.
@@ -27,6 +29,7 @@ def build_encoder(arch, img_size, stem="auto"):
     if arch in ("resnet18", "resnet50"):
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        import torchvision                                    # only here: the rest of this file needs torch alone
         net = getattr(torchvision.models, arch)()
         feat_dim = net.fc.in_features                         # 512 / 2048
         net.fc = nn.Identity()
@@ -38,6 +41,7 @@ def build_encoder(arch, img_size, stem="auto"):
         if img_size % 16:
             raise ValueError(f"{arch} uses 16-px patches: img_size must be a multiple of 16, got {img_size}")
         width, heads = (192, 3) if arch == "vit_tiny" else (384, 6)
+        import torchvision
         net = torchvision.models.VisionTransformer(
             image_size=img_size, patch_size=16, num_layers=12, num_heads=heads,
             hidden_dim=width, mlp_dim=4 * width)
@@ -99,13 +103,110 @@ class SlotBatchNorm2d(SlotBatchNormMixin, nn.BatchNorm2d):
     pass
 
 
-class SlotSyncBatchNorm(SlotBatchNormMixin, nn.SyncBatchNorm):
-    """Per-slot statistics synchronised across GPUs: SyncBatchNorm run once per slot."""
+# ---- the same, synchronised over processes (gloo on CPUs, NCCL on GPUs) -------------------------
+
+def synchronising():
+    """True when a process group of more than one process is running (torchrun)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class AllReduceWithGrad(torch.autograd.Function):
+    """Sum over all processes, with a gradient: x (any shape) on each rank → Σ_r x_r on every rank.
+
+    Every rank's loss depends on every rank's x through the sum, so the gradient for this rank's x is
+    the SUM over ranks of the gradients their outputs received: the backward is one more all-reduce.
+    (dist.all_reduce alone works in place and has no gradient.)
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        total = x.clone(memory_format=torch.contiguous_format)   # all_reduce overwrites its argument
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
+def global_slot_moments(x, slots):
+    """Mean and biased variance of each slot's images on ALL ranks, per channel, and their count.
+
+    x: (S·B, C, …) this rank's batch, S = slots equal parts (B may differ between ranks). Returns
+    mean (S, C), var (S, C) and count (S, 1), in float64. Each rank sends its per-slot count, sum and
+    sum of squares in ONE all-reduce of an (S, 2C + 1) tensor; the sums come from this rank's mean and
+    variance (stable in x's precision) and are combined in float64, where E[x²] − E[x]² loses nothing.
+    """
+    parts = x.unflatten(0, (slots, -1))                       # (S, B, C, …)
+    dims = [1, *range(3, parts.dim())]                        # all but slot and channel
+    var, mean = torch.var_mean(parts, dim=dims, correction=0)   # (S, C) each, this rank's images
+    mean, var = mean.double(), var.double()
+    n = parts.numel() // (parts.shape[0] * parts.shape[2])    # values per slot and channel on this rank
+    count = torch.full_like(mean[:, :1], n)                   # (S, 1)
+    sums = AllReduceWithGrad.apply(torch.cat([n * mean, n * (var + mean ** 2), count], dim=1))   # (S, 2C + 1)
+    C = mean.shape[1]
+    count = sums[:, -1:]                                      # (S, 1) images × positions on all ranks
+    mean = sums[:, :C] / count
+    return mean, (sums[:, C:2 * C] / count - mean ** 2).clamp(min=0), count
+
+
+class SlotSyncBatchNorm(SlotBatchNormMixin, nn.modules.batchnorm._BatchNorm):
+    """Per-slot BatchNorm whose statistics cover every process's images (BatchNorm1d or 2d inputs).
+
+    In train mode under torchrun, slot s of the (S·B, C, …) batch is normalised with the mean and
+    variance of slot s's images on ALL ranks, exactly as one process holding the global batch would in
+    the paper's per-slot loop (Sec. 2), and the running averages move as S such calls would. All S slots
+    share one all-reduce per forward and one per backward (global_slot_moments). Statistics in float64,
+    the normalisation in ≥ float32 outside autocast, the output in x's dtype and memory format.
+    In eval mode, or in one process, it is SlotBatchNorm. State-dict keys are BatchNorm's.
+    """
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f"expected (N, C), (N, C, L) or (N, C, H, W) input, got {x.dim()}-D")
+
+    def forward(self, x):                                     # x: (S·B, C, …)
+        if not (self.training and synchronising()):
+            return super().forward(x)                         # SlotBatchNorm: per slot, this process only
+        self._check_input_dim(x)
+        if x.shape[0] % self.slots:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {self.slots} equal slots")
+        with torch.autocast(x.device.type, enabled=False):   # bf16/fp16 in: statistics in float32 at least
+            x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+            mean, var, count = global_slot_moments(x32, self.slots)  # (S, C), (S, C), (S, 1)
+            if self.track_running_stats:
+                self.update_running_stats(mean, var, count)
+            return self.normalise(x32, mean, var).to(x.dtype)
+
+    @torch.no_grad()
+    def update_running_stats(self, mean, var, count):
+        """As S train-mode BatchNorm calls, one slot after another: the unbiased variance, momentum
+        (None: the cumulative average), num_batches_tracked + 1 per slot."""
+        unbiased = var * count / (count - 1)                  # (S, C)
+        for slot_mean, slot_var in zip(mean, unbiased):
+            self.num_batches_tracked.add_(1)
+            f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - f).add_(slot_mean.to(self.running_mean.dtype), alpha=f)
+            self.running_var.mul_(1 - f).add_(slot_var.to(self.running_var.dtype), alpha=f)
+
+    def normalise(self, x, mean, var):
+        """y = (x − μ_s) / √(σ_s² + ε) · γ + β on slot s, computed as x · a_s + b_s as BatchNorm's CPU kernel
+        does: autograd then keeps x alone, one activation-sized tensor. x: (S·B, C, …); mean, var: (S, C)."""
+        scale = torch.rsqrt(var + self.eps)                   # (S, C), float64
+        shift = -mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        S, C = mean.shape
+        shape = (S, 1, C) + (1,) * (x.dim() - 2)               # broadcasts over (S, B, C, …)
+        y = x.unflatten(0, (S, -1)) * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+        return y.flatten(0, 1)                                # (S·B, C, …), x's memory format
 
 
 def convert_to_slot_batchnorm(module, sync=False):
     """Replace every BatchNorm1d/2d in module (or its Slot version) by SlotBatchNorm1d/2d, or by
-    SlotSyncBatchNorm with sync=True, keeping parameters and buffers."""
+    SlotSyncBatchNorm with sync=True (for torchrun), keeping parameters and buffers."""
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
             kind = SlotSyncBatchNorm if sync else SlotBatchNorm1d if isinstance(child, nn.BatchNorm1d) else SlotBatchNorm2d

@@ -1,22 +1,30 @@
 """Evaluate a frozen encoder: linear probe, kNN, and (on shapes) the quality of the learned masks.
 
-ADIOS_SPEC.md §8. The encoder is never changed: eval mode (BatchNorm uses and keeps its running
-statistics), requires_grad off, every forward under torch.no_grad().
+The encoder is never changed: eval mode (BatchNorm uses and keeps its running statistics), requires_grad
+off, every forward under torch.no_grad() (and fp16 autocast on CUDA, as the released evaluation).
 
     # the fast default: features computed once, the linear head trained on them (minutes on a CPU)
-    python eval_linear.py --ckpt runs/shapes/checkpoint.pth --dataset shapes --knn
-    # the full protocol: RandomResizedCrop + flip, the encoder re-run every epoch (one GPU)
-    python eval_linear.py --ckpt runs/stl10/checkpoint.pth --dataset stl10 --augment --knn
+    python eval_linear.py --ckpt runs/shapes_simclr_resnet18/checkpoint.pth --dataset shapes --knn
+    # the released protocol, behind the paper's numbers: augmented views, encoder re-run each epoch (one GPU)
+    python eval_linear.py --ckpt runs/stl10_simclr_resnet18/checkpoint.pth --dataset stl10 --augment --knn
     # transfer: a 96-px STL10 encoder on CIFAR10, whose images are resized to 96 px
-    python eval_linear.py --ckpt runs/stl10/checkpoint.pth --dataset cifar10 --data_dir data
+    python eval_linear.py --ckpt runs/stl10_simclr_resnet18/checkpoint.pth --dataset cifar10 --data_dir data
+    # robustness: train on one image folder, test on several (the Backgrounds Challenge, README "Recipes")
+    python eval_linear.py --ckpt runs/imagenet100-96px_simclr_resnet18/checkpoint.pth --dataset imagefolder \
+        --data_dir original --test_dirs bg_challenge/original bg_challenge/mixed_same bg_challenge/mixed_rand
     # the floor: an untrained encoder
     python eval_linear.py --random_init --arch resnet18 --img_size 32 --stem standard --dataset shapes
 
-Linear probe: 100 epochs, SGD lr 0.1, momentum 0.9, no weight decay, batch 128, lr ×0.1 at 60 % and
-80 % of the epochs (epochs 60 and 80 of 100). kNN: cosine similarity of L2-normalised backbone
-features, the labelled train split as memory bank, the k = 20 nearest vote with weight exp(sim / T),
-T = 0.07 (InstDisc, Wu et al. 2018; DINO): fixed, never tuned on the test set. Accuracies are in %.
-Writes a JSON file of the results (see `main`). README: "Recipes", "Evidence on shapes".
+Linear probe: a Linear head, cross-entropy, 100 epochs, batch 128, SGD lr 0.1, momentum 0.9, no weight
+decay, lr ×0.1 at 60 % and 80 % of the epochs (60 and 80 of 100). Two protocols:
+  --augment, as the released code (the paper's numbers): SGD inside LARS, η = 1e-3, no clipping (each
+    weight step ≈ lr·η·‖W‖; the bias plain SGD); train views RandomResizedCrop + flip; fp16 on CUDA.
+  default, fast: the test view of every image encoded once; the head sees these cached features through
+    Standardize (the train split's statistics: still one linear classifier), which plain SGD needs.
+kNN: cosine similarity of L2-normalised backbone features, the labelled train split as memory bank, the
+k = 20 nearest vote with weight exp(sim / T), T = 0.07 (InstDisc, Wu et al. 2018; DINO): fixed, never
+tuned on the test set. Accuracies are in %. Writes a JSON file of the results (see `main`; README
+"Reading the outputs"). README: "Recipes", "Evidence on shapes".
 """
 import json
 import os
@@ -30,11 +38,14 @@ from tqdm import tqdm
 
 import cli_checks
 from cli_checks import Parser, below_minimum, device_problem
-from data import DATASETS, DataError, Shapes, build_eval_datasets, dataset_info, eval_transform
+from data import DATASETS, DataError, build_eval_datasets, build_test_folders, dataset_info, eval_transform
 from encoders import ARCHS, STEMS, build_encoder
 from masker import Masker
+from optim import LARS, param_groups
+from shapes import Shapes
 
-KNN_K, KNN_T = 20, 0.07                   # fixed kNN neighbours and temperature (spec §8)
+KNN_K, KNN_T = 20, 0.07                   # fixed kNN neighbours and temperature (never tuned on test)
+LARS_ETA = 1e-3                           # the released linear probe's LARS trust coefficient, no clipping
 
 
 def fail(message):
@@ -57,15 +68,20 @@ def get_args_parser():
                    help="eval images are resized to this (default: the encoder's own size; with "
                         "--random_init, the dataset's). A ViT only takes its own size")
     p.add_argument("--num_images", type=int, default=None, help="shapes: train images (test: a quarter)")
+    p.add_argument("--test_dirs", nargs="+", default=None, metavar="DIR",
+                   help="with --dataset imagefolder or imagenet100: more test sets for the same probe, each "
+                        "DIR/val/<class>/<image> (the Backgrounds Challenge's bg_challenge/mixed_rand, ...) or "
+                        "DIR/<class>/<image>, class folders named as under --data_dir/train")
     # protocol
     p.add_argument("--augment", action="store_true",
-                   help="full protocol: RandomResizedCrop + flip, encoder re-run each epoch (slow on CPU)")
+                   help="the released protocol (the paper's numbers): RandomResizedCrop + flip, LARS "
+                        "(η = 1e-3), encoder re-run each epoch (slow on CPU)")
     p.add_argument("--epochs", type=int, default=100, help="linear-probe epochs (100; 0 skips the probe)")
     p.add_argument("--lr", type=float, default=0.1, help="linear-probe SGD learning rate (0.1)")
     p.add_argument("--batch_size", type=int, default=128, help="linear-probe batch (128)")
     p.add_argument("--bn_head", action="store_true",
-                   help="standardise features with a non-affine BatchNorm before the Linear (MAE's "
-                        "linear probing; still a linear classifier, less sensitive to feature scale)")
+                   help="a non-affine BatchNorm before the Linear (MAE's linear probing; still a linear "
+                        "classifier). The cached-feature probe standardises its features anyway")
     p.add_argument("--knn", action="store_true", help=f"also the weighted kNN (k={KNN_K}, T={KNN_T})")
     p.add_argument("--mask_images", type=int, default=256,
                    help="shapes test images for the mask quality of a learned masker (0: skip)")
@@ -108,21 +124,28 @@ def learned_masker(ckpt):
     weights = {k[len("masker."):]: v for k, v in ckpt.get("model", {}).items() if k.startswith("masker.")}
     if args.get("num_masks", 0) < 2 or args.get("mask_type", "adios") != "adios" or not weights:
         return None
-    masker = Masker(args["num_masks"], args["img_size"], args["mask_channels"], args["mask_norm"])
+    masker = Masker(args["num_masks"], args["img_size"], args["mask_channels"], args["mask_norm"],
+                    args.get("mask_blocks"))                  # None (older checkpoints): the size's default
     masker.load_state_dict(weights)
     return masker.eval().requires_grad_(False)
 
 
 # ---- features ----------------------------------------------------------------------------------
 
+def fp16(device):
+    """fp16 autocast on CUDA, as the released evaluation (precision 16); a no-op on CPU."""
+    return torch.autocast(device.type, torch.float16, enabled=device.type == "cuda")
+
+
 @torch.no_grad()                                              # the encoder is frozen: no graph, no grad
 def extract_features(encoder, dataset, batch_size, workers, device, desc):
-    """Backbone features of a whole dataset in order: (n, D) on `device`, labels (n,) int64."""
+    """Backbone features of a whole dataset in order: (n, D) float32 on `device`, labels (n,) int64."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False):
-        feats.append(encoder(x.to(device, non_blocking=True)).float())    # (b, D)
+        with fp16(device):
+            feats.append(encoder(x.to(device, non_blocking=True)).float())    # (b, D)
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels).to(device)
 
@@ -138,37 +161,99 @@ def cached_batches(feats, labels, batch_size, generator):
 def augmented_batches(encoder, loader, device):
     """One epoch of the full protocol: fresh random crops, encoded by the frozen encoder."""
     for x, y in loader:
-        with torch.no_grad():                                 # frozen encoder: only the head learns
+        with torch.no_grad(), fp16(device):                   # frozen encoder: only the head learns
             feats = encoder(x.to(device, non_blocking=True)).float()       # (b, D)
         yield feats, torch.as_tensor(y).to(device)
 
 
+class Standardize(nn.Module):
+    """x -> (x - mean) @ M: features standardised with the train split's statistics, no direction's
+    variance above 1.
+
+    Fixed from the train features (n, D) and applied as is to test features; an affine map, so the head
+    Linear(Standardize(x)) is still one linear classifier of x. Two steps, folded into M (D, D):
+    1. per dimension, (x - mean) / std (a dimension that hardly varies keeps std ≥ 1 % of the mean std,
+       so a ReLU unit dead on train but alive on test stays finite): the average variance is now 1;
+    2. each principal direction of these standardised train features whose variance λ exceeds
+       max_variance (1: the average) is scaled by sqrt(max_variance / λ); the others are left alone.
+    Why: a trained encoder's features vary together. Raw, they share one large mean direction (norms
+    ~40 after the quickstart); standardised, the leading direction of a ResNet18 trained 3 epochs on
+    shapes still had variance ~200 (then 96, 68, 43, 26, ...). SGD at lr 0.1 with momentum 0.9 kept the
+    loss above chance along such directions until the lr dropped (oscillation above ~76, gradient noise
+    below it); capped, the loss fell below chance in the first epochs, the test accuracy unchanged.
+    """
+
+    def __init__(self, train_feats, max_variance=1.0):
+        super().__init__()
+        mean, std = train_feats.mean(dim=0), train_feats.std(dim=0)                   # (D,) each
+        std = std.clamp(min=0.01 * std.mean().item() + 1e-12)
+        z = (train_feats - mean) / std                                                # (n, D)
+        covariance = (z.T @ z).double() / max(1, len(z) - 1)                         # (D, D)
+        variance, directions = torch.linalg.eigh(covariance)                          # (D,), (D, D)
+        cap = (max_variance / variance.clamp(min=1e-12)).sqrt().clamp(max=1.0)        # (D,) ≤ 1
+        matrix = (directions * cap) @ directions.T / std.double()[:, None]            # diag(1/std) U diag(cap) Uᵀ
+        self.register_buffer("mean", mean)
+        self.register_buffer("matrix", matrix.to(train_feats.dtype))                   # (D, D)
+
+    def forward(self, x):                                     # (b, D) -> (b, D)
+        return (x - self.mean) @ self.matrix
+
+
 # ---- linear probe ------------------------------------------------------------------------------
 
-def train_linear_head(feat_dim, num_classes, epochs, lr, epoch_batches, device, bn=False):
+def probe_optimizer(head, lr, lars):
+    """SGD, momentum 0.9, no weight decay. lars=True: inside LARS as the released linear probe, with
+    η = 1e-3 and no clipping, so each weight tensor steps lr·η·‖W‖/‖g‖ · g (about lr·η·‖W‖ whatever
+    the gradient's size); the bias (a 1-D tensor: optim.param_groups) takes plain SGD steps."""
+    if lars:
+        groups = [g for g in param_groups(head, lr, weight_decay=0.0) if g["params"]]
+        return LARS(groups, lr=lr, momentum=0.9, eta=LARS_ETA, clip=False)
+    return torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0)
+
+
+def train_linear_head(feat_dim, num_classes, epochs, lr, epoch_batches, device, bn=False, standardize=None,
+                      lars=False, fp16_head=False):
     """A Linear(D, C) head trained with cross-entropy, returned in eval mode; epoch_batches() yields
-    one epoch of (features, labels) batches. SGD, momentum 0.9, no weight decay; lr ×0.1 at 60 % and
-    80 % of the epochs (spec §8). bn: a BatchNorm1d(D, affine=False) first (He et al., MAE, 2022).
+    one epoch of (features, labels) batches. probe_optimizer(lars); lr ×0.1 at 60 % and 80 % of the
+    epochs (as the released code). bn: a BatchNorm1d(D, affine=False) first (He et al., MAE, 2022);
+    standardize: a fixed Standardize first. fp16_head: the head too under fp16 autocast, with a
+    GradScaler (CUDA, --augment). The mean loss of every epoch is kept in head.epoch_losses.
     """
     head = nn.Linear(feat_dim, num_classes)
     if bn:
         head = nn.Sequential(nn.BatchNorm1d(feat_dim, affine=False), head)
+    if standardize is not None:
+        head = nn.Sequential(standardize, head)
     head.to(device).train()
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0)
+    opt = probe_optimizer(head, lr, lars)
     milestones = [int(0.6 * epochs), int(0.8 * epochs)]       # 60 and 80 of 100
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16_head)
+    losses = []
     for epoch in range(epochs):
         total, count = 0.0, 0
         for feats, labels in epoch_batches():
-            loss = F.cross_entropy(head(feats), labels)
+            with torch.autocast(device.type, torch.float16, enabled=fp16_head):
+                loss = F.cross_entropy(head(feats), labels)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()                     # scaled (fp16) so small gradients survive
+            scaler.step(opt)                                  # unscales first; skips a step with inf/NaN
+            scaler.update()
             total, count = total + loss.item() * len(labels), count + len(labels)
         sched.step()
+        losses.append(total / count)
         if epoch % max(1, epochs // 10) == 0 or epoch == epochs - 1:
-            print(f"  probe epoch {epoch + 1}/{epochs}  loss {total / count:.4f}  lr {opt.param_groups[0]['lr']:.4g}")
+            print(f"  probe epoch {epoch + 1}/{epochs}  loss {losses[-1]:.4f}  lr {opt.param_groups[0]['lr']:.4g}")
+    head.epoch_losses = losses
     return head.eval()
+
+
+def cached_linear_probe(train_feats, train_labels, num_classes, epochs, lr, batch_size, generator, bn=False):
+    """The fast default probe: train_linear_head on cached train features (n, D) and labels (n,), which
+    the head standardises with their own statistics (Standardize); plain SGD, shuffled by generator."""
+    epoch_batches = lambda: cached_batches(train_feats, train_labels, batch_size, generator)  # noqa: E731
+    return train_linear_head(train_feats.shape[1], num_classes, epochs, lr, epoch_batches, train_feats.device,
+                             bn, standardize=Standardize(train_feats))
 
 
 @torch.no_grad()
@@ -176,6 +261,21 @@ def topk_accuracy(logits, labels, k):
     """% of rows whose label is among the k highest logits. logits (n, C), labels (n,)."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices                # (n, k)
     return 100.0 * (top == labels[:, None]).any(dim=1).float().mean().item()
+
+
+@torch.no_grad()
+def accuracies(head, bank, feats, labels, num_classes):
+    """{top1, top5, knn_top1} in % on one test set's features (n, D) and labels (n,): the probe's (head
+    None: left None), the kNN's against bank = (train features, train labels) (None: left None). top5
+    only with at least 10 classes."""
+    top1 = top5 = knn = None
+    if head is not None:
+        logits = head(feats)                                  # (n, C)
+        top1 = topk_accuracy(logits, labels, 1)
+        top5 = topk_accuracy(logits, labels, 5) if num_classes >= 10 else None
+    if bank is not None:
+        knn = knn_top1(*bank, feats, labels, num_classes)
+    return dict(top1=top1, top5=top5, knn_top1=knn)
 
 
 # ---- kNN -----------------------------------------------------------------------------------------
@@ -194,7 +294,7 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes, k=
     return 100.0 * correct / len(test_feats)
 
 
-# ---- mask quality (spec §8: ARI of the argmax slot map against the true objects) -----------------
+# ---- mask quality (the paper's ARI of the argmax slot map against the true objects) ------------
 
 def adjusted_rand_index(pred, true, ignore=None):
     """Adjusted Rand index (Hubert & Arabie 1985) per image, averaged over the batch (a float).
@@ -274,8 +374,9 @@ def shapes_mask_quality(masker, num_images, device, seed=0, batch_size=128):
 
 def main(argv=None):
     """Run the evaluation; returns the results dict that is also written as JSON:
-    dataset, protocol ("cached-features" / "augmented"), img_size, top1, top5, knn_top1,
-    mask_quality (dict or None), command, checkpoint, epoch, and a few sizes."""
+    dataset, protocol ("cached-features" / "augmented"), optimizer ("sgd" / "lars"), img_size, top1,
+    top5, knn_top1, probe_losses (mean loss of each epoch), test_dirs ({DIR: {images, top1, top5,
+    knn_top1}} or None), mask_quality (dict or None), command, checkpoint, epoch, and a few sizes."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     command = " ".join(sys.argv if argv is None else ["eval_linear.py", *argv])
@@ -292,6 +393,11 @@ def main(argv=None):
         fail(problem)
     if args.lr <= 0:
         fail(f"--lr {args.lr}: must be positive")
+    if args.test_dirs and args.dataset not in ("imagefolder", "imagenet100"):
+        fail(f"--test_dirs needs a probe trained on an image folder: use --dataset imagefolder (or "
+             f"imagenet100) with --data_dir holding train/ and val/, not --dataset {args.dataset}")
+    if args.test_dirs and len(set(args.test_dirs)) < len(args.test_dirs):
+        fail(f"--test_dirs {' '.join(args.test_dirs)}: a folder is named twice; name each once")
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -326,42 +432,54 @@ def main(argv=None):
         if args.augment:
             aug_ds = build_eval_datasets(args.dataset, data_dir, img_size, augment=True, seed=args.seed,
                                          num_images=args.num_images)[0]
+        extra_tests = build_test_folders(args.dataset, args.test_dirs or [], train_ds.classes, img_size)
     except DataError as e:
         fail(str(e))
     protocol = "augmented" if args.augment else "cached-features"
+    how = "LARS η = 1e-3, as released" if args.augment else "SGD on standardised features"
     print(f"eval: {arch} ({stem} stem, built for {enc_size} px, {feat_dim} features) on {args.dataset} at "
           f"{img_size} px: {len(train_ds)} train / {len(test_ds)} test images, {num_classes} classes; "
-          f"protocol {protocol}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, device {device}")
+          f"protocol {protocol} ({how}), {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, device {device}")
+    for path, dataset in extra_tests.items():
+        print(f"  also testing on {path}: {len(dataset)} images")
 
     # ---- features (train features are needed by the cached probe and by kNN) ----
     test_feats, test_labels = extract_features(encoder, test_ds, 256, args.workers, device, "test features")
+    extra_feats = {path: extract_features(encoder, dataset, 256, args.workers, device, path)
+                   for path, dataset in extra_tests.items()}           # {DIR: ((n, D), (n,))}
     train_feats = train_labels = None
     if args.knn or (args.epochs > 0 and not args.augment):
         train_feats, train_labels = extract_features(encoder, train_ds, 256, args.workers, device, "train features")
 
     # ---- linear probe ----
-    top1 = top5 = None
+    head = None
     if args.epochs > 0:
         gen = torch.Generator().manual_seed(args.seed)
-        if args.augment:
+        if args.augment:                                      # the released protocol
             loader = DataLoader(aug_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                 generator=gen, pin_memory=device.type == "cuda",
                                 persistent_workers=args.workers > 0)
             epoch_batches = lambda: augmented_batches(encoder, loader, device)   # noqa: E731
-        else:
-            epoch_batches = lambda: cached_batches(train_feats, train_labels, args.batch_size, gen)  # noqa: E731
-        head = train_linear_head(feat_dim, num_classes, args.epochs, args.lr, epoch_batches, device, args.bn_head)
-        with torch.no_grad():
-            logits = head(test_feats)                         # (n_test, C)
-        top1 = topk_accuracy(logits, test_labels, 1)
-        top5 = topk_accuracy(logits, test_labels, 5) if num_classes >= 10 else None
-        print(f"linear probe: top-1 {top1:.2f} %" + (f", top-5 {top5:.2f} %" if top5 is not None else ""))
+            head = train_linear_head(feat_dim, num_classes, args.epochs, args.lr, epoch_batches, device,
+                                     args.bn_head, lars=True, fp16_head=device.type == "cuda")
+        else:                                                 # fast: standardised cached features
+            head = cached_linear_probe(train_feats, train_labels, num_classes, args.epochs, args.lr,
+                                       args.batch_size, gen, args.bn_head)
 
-    # ---- kNN ----
-    knn = None
+    bank = (train_feats, train_labels) if args.knn else None
+    main_scores = accuracies(head, bank, test_feats, test_labels, num_classes)
+    if head is not None:
+        print(f"linear probe: top-1 {main_scores['top1']:.2f} %"
+              + (f", top-5 {main_scores['top5']:.2f} %" if main_scores["top5"] is not None else ""))
     if args.knn:
-        knn = knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes)
-        print(f"kNN (k={KNN_K}, T={KNN_T}): top-1 {knn:.2f} %")
+        print(f"kNN (k={KNN_K}, T={KNN_T}): top-1 {main_scores['knn_top1']:.2f} %")
+    test_dirs = None
+    if extra_tests:
+        test_dirs = {path: dict(images=len(labels), **accuracies(head, bank, feats, labels, num_classes))
+                     for path, (feats, labels) in extra_feats.items()}
+        for path, result in test_dirs.items():
+            print(f"{path} ({result['images']} images): " + ", ".join(
+                f"{key} {value:.2f} %" for key, value in result.items() if key != "images" and value is not None))
 
     # ---- mask quality ----
     quality = None
@@ -371,10 +489,12 @@ def main(argv=None):
               f"foreground ARI {quality['ari_fg']:.3f}, mIoU {quality['miou']:.3f}")
 
     # ---- results ----
-    results = dict(dataset=args.dataset, protocol=protocol, img_size=img_size, arch=arch,
-                   num_classes=num_classes, train_images=len(train_ds), test_images=len(test_ds),
-                   epochs=args.epochs, bn_head=args.bn_head, top1=top1, top5=top5,
-                   knn_top1=knn, knn_k=KNN_K, knn_t=KNN_T, mask_quality=quality, command=command, checkpoint=args.ckpt,
+    results = dict(dataset=args.dataset, protocol=protocol, optimizer="lars" if args.augment else "sgd",
+                   img_size=img_size, arch=arch, num_classes=num_classes, train_images=len(train_ds),
+                   test_images=len(test_ds), epochs=args.epochs, bn_head=args.bn_head, **main_scores,
+                   knn_k=KNN_K, knn_t=KNN_T,
+                   probe_losses=[round(v, 4) for v in head.epoch_losses] if head is not None else None,
+                   test_dirs=test_dirs, mask_quality=quality, command=command, checkpoint=args.ckpt,
                    epoch=ckpt.get("epoch") if ckpt is not None else None)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from data import DEFAULT_JITTER, DataError, ResumableSampler, Shapes, blur_kernel_size, sample_seed
+from data import DEFAULT_JITTER, DataError, ResumableSampler, blur_kernel_size, sample_seed
+from shapes import Shapes, largest_object_class
 
 def load_uint8(name, data_dir, img_size, download=False, num_images=None, seed=0, with_labels=False):
     """The whole pretraining split as one uint8 tensor (N, 3, H, W), for GPUAugment; with_labels=True
@@ -24,7 +25,7 @@ def load_uint8(name, data_dir, img_size, download=False, num_images=None, seed=0
         shapes = Shapes("train", img_size, num_images or 4096, seed)
         rendered = [shapes.render(i) for i in range(len(shapes))]
         images = torch.from_numpy(np.stack([r[0] for r in rendered])).permute(0, 3, 1, 2)  # (N, 3, H, W)
-        labels = torch.tensor([data.largest_object_class(r[1], r[2]) for r in rendered])
+        labels = torch.tensor([largest_object_class(r[1], r[2]) for r in rendered])
     elif name in ("stl10", "cifar10", "cifar100"):
         stored = data.stored_dataset(name, data_dir, "pretrain", None, download)
         images = torch.from_numpy(stored.data)[:num_images]

@@ -1,7 +1,8 @@
 """The occlusion model M_φ of ADIOS: a small U-Net that splits every image into N soft masks.
 
 Shi et al., "Adversarial Masking for Self-Supervised Learning", ICML 2022;
-the architecture below is the one of the released code (ADIOS_SPEC.md §2). README: "Reading guide".
+the paper's occlusion model is a U-Net; its depth, widths and MLP bottleneck below are the released
+code's. README: "Reading guide".
 Needs only torch: copy this file alone if you want the mask generator elsewhere.
 """
 import math
@@ -25,7 +26,7 @@ def conv_block(in_ch, out_ch, norm):
 
 
 def unet_channels(num_blocks, c):
-    """Input/output channels of the down and up blocks, as in the table of ADIOS_SPEC.md §2.
+    """Input/output channels of the down and up blocks of a K-block U-Net with base width c.
 
     Down: the last three blocks are 2c wide, the ones before them c. Up block i concatenates its
     input with the skip of down block K-1-i, so its input is (previous output + skip) wide; the

@@ -1,4 +1,4 @@
-"""The two players' optimiser: SGD with momentum inside LARS, and the warmup-cosine learning rate.
+"""The two players' optimisers: SGD with momentum inside LARS, and their warmup-cosine learning rates.
 
 The released runs train both the encoder side and the masker with LARS (You et al. 2017) on SGD,
 momentum 0.9, biases and norm parameters excluded from LARS and weight decay, a 10-epoch linear
@@ -72,3 +72,30 @@ def set_learning_rates(optimizer, step, warmup, total):
     for group in optimizer.param_groups:
         if not group.get("fixed_lr"):
             group["lr"] = learning_rate(step, group["base_lr"], warmup, total)
+
+
+# ---- the two players of train.py -----------------------------------------------------------------
+
+def build_optimizers(model, args):
+    """(encoder-side optimiser, masker optimiser or None): the two players' own optimisers."""
+    net = model.net
+    groups = param_groups(net.encoder, args.lr, args.weight_decay) + \
+        param_groups(net.projector, args.lr, args.weight_decay)
+    if net.predictor is not None:       # SimSiam's predictor keeps its rate (as in SimSiam)
+        groups += param_groups(net.predictor, args.lr, args.weight_decay, fixed_lr=args.method == "simsiam")
+    if net.classifier is not None:      # the online probe: its own rate, no decay (LARS tames its steps)
+        groups += param_groups(net.classifier, args.classifier_lr, 0.0)
+    opt_enc = make_optimizer(groups, args.optimizer, args.lr)
+    learned = args.mask_type == "adios" and model.masker is not None
+    opt_mask = make_optimizer(param_groups(model.masker, args.mask_lr, args.weight_decay), args.optimizer,
+                              args.mask_lr) if learned else None
+    return opt_enc, opt_mask
+
+
+def learning_rate_schedules(args, steps_per_epoch):
+    """Warmup + cosine per step for each player. The encoder's ends --encoder_early_end epochs before
+    the masker's (the released BYOL runs), and stays at 0 after; BYOL's τ follows the masker's length."""
+    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+    return dict(encoder=dict(warmup=warmup, total=(args.epochs - args.encoder_early_end) * steps_per_epoch),
+                masker=dict(warmup=warmup, total=total), steps_per_epoch=steps_per_epoch,
+                last_step=total if args.max_steps is None else min(total, args.max_steps))

@@ -86,3 +86,15 @@ def test_loader_reports_cpu_workers_and_gpu_augment(capsys, tmp_path):
     assert result["cpu_workers"]["0"] > 0 and result["gpu_augment"] > 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["cpu_workers"] == result["cpu_workers"]
+
+
+def test_world_times_synchronised_processes_and_counts_their_collectives(capsys):
+    # Two gloo processes, one iteration per side. Our per-slot BatchNorm makes one collective per layer
+    # and direction for all N slots; the released schedule, one call per slot, N times as many.
+    result = bench.main([*TINY, "--img_size", "16", "--world", "2", "--steps", "1", "--repeats", "1", "--warmup", "0"])
+    assert result["mode"] == "world" and result["single_ms"] > 0 and result["world_ms"] > 0
+    ours, released = (result["collectives_per_iteration"][k] for k in ("ours", "released"))
+    assert ours["batchnorm"] > 0 and released["batchnorm"] == 2 * ours["batchnorm"]          # N = 2
+    assert ours["simclr_negatives"] == released["simclr_negatives"] > 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["collectives_per_iteration"] == result["collectives_per_iteration"]

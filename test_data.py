@@ -8,6 +8,7 @@ from PIL import Image
 from torchvision import transforms
 
 import data
+from shapes import SHAPE_CLASSES
 
 torch.set_num_threads(1)
 
@@ -56,7 +57,7 @@ def test_object_map():
 
 def test_shapes_classes_balanced_and_fast():
     shapes = data.Shapes("train")
-    assert shapes.num_classes == 4 and shapes.classes == data.SHAPE_CLASSES
+    assert shapes.num_classes == 4 and shapes.classes == SHAPE_CLASSES
     labels = np.array([shapes.label(i) for i in range(400)])
     assert np.bincount(labels, minlength=4).min() > 60  # every class is common
     start = time.perf_counter()
@@ -211,3 +212,127 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="download into") as err:
         data.build_pretrain_dataset("cifar10", str(tmp_path), 32, download=True)
     assert "\n" not in str(err.value) and "by hand" in str(err.value)
+
+
+# ---- the test view of each dataset (the released transforms, and ours where it has none) ----
+
+def test_imagenet_std_is_the_released_value():
+    assert data.IMAGENET_STD == (0.228, 0.224, 0.225)          # not torchvision's 0.229
+    assert data.dataset_info("imagenet100")["std"] == data.dataset_info("imagefolder")["std"] == data.IMAGENET_STD
+
+
+class _Stored:
+    """Stands in for a stored dataset (no files here): keeps the transform build_eval_datasets gives it."""
+    classes = ["a", "b"]
+
+    def __init__(self, transform):
+        self.transform = transform
+
+
+def _test_view(monkeypatch, name, size):
+    """The transform build_eval_datasets gives the test split of `name` at `size` px."""
+    monkeypatch.setattr(data, "stored_dataset", lambda name, data_dir, split, transform, download: _Stored(transform))
+    train, test, _ = data.build_eval_datasets(name, "unused", size, num_images=4)
+    assert train.transform is test.transform                  # cached features: train images get it too
+    return test.transform
+
+
+def _surviving_box(transform, name, width, height):
+    """The part of a width × height image the transform keeps, (left, right, top, bottom) in source pixels,
+    read from an image whose red channel is its column and green channel its row (≤ 256 px): the output's
+    first and last pixel centres, widened by half an output pixel each side."""
+    xx, yy = np.meshgrid(np.arange(width), np.arange(height))
+    pil = Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], axis=-1).astype(np.uint8))
+    info = data.dataset_info(name)
+    out = transform(pil)                                      # (3, S, S), normalised
+    codes = out * torch.tensor(info["std"]).view(3, 1, 1) + torch.tensor(info["mean"]).view(3, 1, 1)
+    codes = codes * 255 + 0.5                                 # source coordinate of each output pixel centre
+    box = []
+    for channel in (0, 1):
+        first, last = codes[channel].min().item(), codes[channel].max().item()
+        half_pixel = (last - first) / (out.shape[-1] - 1) / 2
+        box += [first - half_pixel, last + half_pixel]
+    return box
+
+
+@pytest.mark.parametrize("name, size, kept", [
+    ("imagenet100", 96, 96 / 256),       # ImageNet100-S, as released: the central 96 of 256 px, ~14 % of the area
+    ("imagenet100", 224, 224 / 256),     # ImageNet100, as released: the central 224 of 256 px
+    ("imagefolder", 96, 224 / 256),      # photos (ours): ImageNet's 224/256 at every size
+    ("flowers102", 96, 224 / 256),
+    ("stl10", 96, 1.0),                  # square data: the whole image, as released for STL10
+    ("cifar10", 96, 1.0),                # CIFAR transfer to a 96-px encoder: the whole image, resized
+    ("cifar100", 32, 1.0),
+])
+def test_test_view_keeps_the_released_pixels(monkeypatch, name, size, kept):
+    transform = _test_view(monkeypatch, name, size)
+    assert transform(Image.new("RGB", (240, 180))).shape == (3, size, size)
+    left, right, top, bottom = _surviving_box(transform, name, 240, 240)
+    side = 240 * kept                                         # the square's kept side, centred
+    for lo, hi in ((left, right), (top, bottom)):
+        assert lo == pytest.approx(120 - side / 2, abs=1.5) and hi == pytest.approx(120 + side / 2, abs=1.5)
+    if name == "imagenet100" and size == 96:
+        assert (right - left) * (bottom - top) / 240 ** 2 == pytest.approx(0.14, abs=0.005)
+    # A wide image keeps the same share of its height and the centre of its width: never stretched.
+    left, right, top, bottom = _surviving_box(transform, name, 240, 120)
+    assert bottom - top == pytest.approx(120 * kept, abs=2.5) and right - left == pytest.approx(120 * kept, abs=2.5)
+    assert (left + right) / 2 == pytest.approx(120, abs=1)
+
+
+def test_square_view_is_the_released_stl10_resize(monkeypatch):
+    # STL10 as released: transforms.Resize((96, 96)), bilinear: the same pixels, whatever the source size.
+    released = transforms.Compose([transforms.Resize((96, 96)), transforms.ToTensor(),
+                                   transforms.Normalize(data.CIFAR_MEAN, data.CIFAR_STD)])
+    ours = _test_view(monkeypatch, "stl10", 96)
+    rng = np.random.default_rng(0)
+    for side in (96, 64, 32):
+        pil = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        torch.testing.assert_close(ours(pil), released(pil))
+
+
+def test_shapes_test_view_is_the_whole_image():
+    _, test, _ = data.build_eval_datasets("shapes", None, 32, num_images=8)
+    img, _ = data.Shapes("test", 32, 2)[0]
+    pixels = transforms.Normalize(data.SHAPES_MEAN, data.SHAPES_STD)(transforms.ToTensor()(img))
+    torch.testing.assert_close(test[0][0], pixels)           # every pixel, unchanged
+
+
+def test_linear_train_view_is_the_released_one(monkeypatch):
+    monkeypatch.setattr(data, "stored_dataset", lambda name, data_dir, split, transform, download: _Stored(transform))
+    train, test, _ = data.build_eval_datasets("stl10", "unused", 96, augment=True)
+    crop, flip = train.transform.transforms[:2]
+    assert isinstance(crop, transforms.RandomResizedCrop) and isinstance(flip, transforms.RandomHorizontalFlip)
+    assert crop.size == (96, 96) and crop.scale == (0.08, 1.0)
+    assert crop.interpolation == transforms.InterpolationMode.BILINEAR
+    assert train.transform is not test.transform and test.transform.transforms[1].size == (96, 96)
+
+
+# ---- extra test folders (eval_linear.py --test_dirs) ----
+
+def test_test_folder_layouts_and_labels(tmp_path):
+    classes = ["00_dog", "01_bird", "02_wheeled vehicle"]    # Backgrounds Challenge names, a space included
+    release = _image_folder(tmp_path / "bg_challenge" / "mixed_rand", classes=classes, splits=("val",), per_class=3)
+    flat = tmp_path / "flat"                                  # <class>/<image>, and only two of the classes
+    for c in classes[1:]:
+        (flat / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(flat / c / "0.png")
+    found = data.build_test_folders("imagefolder", [str(release), str(flat)], classes, 16)
+    mixed, only_two = found[str(release)], found[str(flat)]
+    assert len(mixed) == 9 and mixed[0][0].shape == (3, 16, 16)
+    assert sorted(mixed.targets) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert only_two.targets == [1, 2] and only_two.classes == classes   # labels by name, not by position
+
+
+def test_test_folder_errors_are_one_line(tmp_path):
+    classes = ["cat", "dog"]
+    _image_folder(tmp_path / "other", classes=("cat", "fox"), splits=("val",))
+    with pytest.raises(data.DataError) as err:
+        data.extra_test_set(str(tmp_path / "other"), classes, None)
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "other") in message and "fox" in message
+    assert "name its class folders as the training folder's (cat, dog)" in message
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.extra_test_set(str(tmp_path / "missing"), classes, None)
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(data.DataError, match="holds no images"):
+        data.extra_test_set(str(tmp_path / "empty"), classes, None)

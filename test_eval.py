@@ -4,15 +4,19 @@ CPU only, no network: the data is the synthetic shapes set, the checkpoints are 
 """
 import itertools
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import eval_linear
 from adios import ADIOS
 from encoders import build_encoder
 from eval_linear import adjusted_rand_index, knn_top1, mask_quality
 from masker import BlockMasker, Masker, RandomPatchMasker
+from optim import LARS
 
 TINY = ["--dataset", "shapes", "--num_images", "256", "--epochs", "3", "--workers", "0",
         "--device", "cpu", "--knn", "--mask_images", "32"]
@@ -72,14 +76,20 @@ def test_eval_writes_json_and_keeps_encoder_identical(fake_checkpoint, monkeypat
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_random_init(tmp_path):
+def test_random_init(tmp_path, monkeypatch):
+    optimizers = []                                           # the probe's optimiser, each run
+    real = eval_linear.probe_optimizer
+    monkeypatch.setattr(eval_linear, "probe_optimizer", lambda *a: optimizers.append(real(*a)) or optimizers[-1])
     results = eval_linear.main(["--random_init", "--arch", "resnet18", "--img_size", "32", "--stem",
                                 "standard", "--output_dir", str(tmp_path), *TINY[:-2], "--epochs", "2"])
     assert results["checkpoint"] is None and results["mask_quality"] is None
     assert json.loads((tmp_path / "eval_shapes.json").read_text())["top1"] == results["top1"]
+    assert results["optimizer"] == "sgd" and type(optimizers[-1]) is torch.optim.SGD
+    assert len(results["probe_losses"]) == 2 and results["test_dirs"] is None
     results = eval_linear.main(["--random_init", "--arch", "resnet18", "--stem", "standard", "--output_dir",
                                 str(tmp_path), *TINY[:-2], "--epochs", "1", "--augment", "--bn_head"])
     assert results["protocol"] == "augmented" and results["bn_head"] and results["knn_top1"] is not None
+    assert results["optimizer"] == "lars" and isinstance(optimizers[-1], LARS)   # the released probe
     assert (tmp_path / "eval_shapes_augmented.json").exists()
 
 
@@ -99,6 +109,163 @@ def test_user_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         eval_linear.main(["--dataset", "shapes"])           # neither --ckpt nor --random_init
     assert e.value.code == 2
+
+
+# ---- the probe's optimisation --------------------------------------------------------------------
+
+def test_augmented_probe_optimizer_is_the_released_lars():
+    head = torch.nn.Linear(8, 3)
+    opt = eval_linear.probe_optimizer(head, 0.1, lars=True)
+    weights, biases = opt.param_groups
+    assert isinstance(opt, LARS) and weights["params"] == [head.weight] and biases["params"] == [head.bias]
+    for group in (weights, biases):
+        assert group["lr"] == 0.1 and group["momentum"] == 0.9 and group["weight_decay"] == 0.0
+    assert weights["lars"] and weights["eta"] == 1e-3 and weights["clip"] is False
+    assert not biases["lars"]                                 # the bias: plain SGD
+    plain = eval_linear.probe_optimizer(head, 0.1, lars=False)
+    assert type(plain) is torch.optim.SGD and plain.defaults["momentum"] == 0.9 and plain.defaults["weight_decay"] == 0
+
+
+def test_probe_lr_drops_at_epochs_60_and_80(monkeypatch):
+    optimizers, rates = [], []
+    real = eval_linear.probe_optimizer
+    monkeypatch.setattr(eval_linear, "probe_optimizer", lambda *a: optimizers.append(real(*a)) or optimizers[-1])
+    feats, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def epoch_batches():                                      # one batch an epoch; notes the rate it is trained at
+        rates.append([group["lr"] for group in optimizers[0].param_groups])
+        yield feats, labels
+
+    head = eval_linear.train_linear_head(4, 3, 100, 0.1, epoch_batches, torch.device("cpu"), lars=True)
+    assert len(head.epoch_losses) == 100
+    assert [[round(r, 9) for r in rates[e]] for e in (0, 59, 60, 79, 80, 99)] == \
+        [[0.1, 0.1], [0.1, 0.1], [0.01, 0.01], [0.01, 0.01], [0.001, 0.001], [0.001, 0.001]]
+
+
+def realistic_features(n, seed, D=512, C=4):
+    """Features like a trained ResNet's: (n, D) non-negative, norms ~40, ~0.96 cosine-similar to each other
+    (a shared mean and one shared factor that moves every dimension together, like brightness), and
+    classes (n,) linearly separable along small class directions. The feature space is the same for every
+    seed; the seed draws the samples."""
+    g = torch.Generator().manual_seed(0)
+    mean, shared = torch.rand(D, generator=g) + 0.5, torch.rand(D, generator=g)                 # (D,) each
+    class_dirs = torch.randn(C, D, generator=g)                                                  # (C, D)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % C
+    factor, noise = torch.randn(n, 1, generator=g), torch.randn(n, D, generator=g)
+    x = (mean + 0.5 * factor * shared + 0.04 * class_dirs[labels] + 0.1 * noise).clamp(min=0)   # (n, D), post-ReLU
+    return x * 40 / x.norm(dim=1).mean(), labels
+
+
+def test_cached_probe_is_well_conditioned():
+    # Raw, these features made SGD at lr 0.1 start at loss ~58 and end at 55 % test accuracy; standardised
+    # per dimension only, the shared factor's direction (variance ~370) kept the loss above chance for
+    # two epochs. The fast default probe must learn at once.
+    train, labels = realistic_features(400, seed=1)
+    test, test_labels = realistic_features(400, seed=2)
+    assert train.norm(dim=1).mean() == pytest.approx(40) and train.shape == (400, 512)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    head = eval_linear.cached_linear_probe(train, labels, 4, 10, 0.1, 128, gen)
+    chance = math.log(4)
+    losses = head.epoch_losses
+    assert all(math.isfinite(v) for v in losses) and max(losses) < 2 * chance and losses[1] < chance
+    assert losses[-1] < 0.1
+    with torch.no_grad():
+        assert eval_linear.topk_accuracy(head(test), test_labels, 1) >= 95
+
+
+def test_standardize_is_one_fixed_affine_map():
+    train, _ = realistic_features(400, seed=1)
+    standardize = eval_linear.Standardize(train)
+    z = standardize(train)                                    # (400, 512)
+    assert z.mean(dim=0).abs().max() < 1e-4
+    variances = torch.linalg.eigvalsh(z.T.double() @ z.double() / 399)
+    assert variances.max() < 1 + 1e-4                         # no direction above the average variance
+    plain = (train - train.mean(0)) / train.std(0)            # per dimension only
+    plain_variances = torch.linalg.eigvalsh(plain.T.double() @ plain.double() / 399)
+    assert plain_variances.max() > 300                        # the shared factor
+    below = plain_variances < 0.99                            # directions under 1 are left as they were
+    torch.testing.assert_close(variances[below], plain_variances[below], rtol=1e-3, atol=1e-6)
+    # Test features get the train split's map, whatever their own statistics: an affine map.
+    test, _ = realistic_features(50, seed=2)
+    a, b = test[:25], test[25:] * 3 + 1
+    torch.testing.assert_close(standardize(0.3 * a + 0.7 * b), 0.3 * standardize(a) + 0.7 * standardize(b),
+                               rtol=0, atol=1e-4)
+    dead = train.clone()
+    dead[:, 7] = 0                                            # a unit never active on the train split
+    alive = test.clone()
+    alive[:, 7] = 5.0
+    assert torch.isfinite(eval_linear.Standardize(dead)(alive)).all()
+
+
+# ---- more test folders: robustness and transfer (--test_dirs) ---------------------------------------
+
+COLOURS = {"00_red": (200, 30, 30), "01_green": (30, 200, 30), "02_blue": (30, 30, 200)}
+
+
+def _images(folder, colour, count, seed):
+    """count 32-px images of one colour, a little noise each, written as PNGs into folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = np.clip(np.array(colour) + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{seed}_{i}.png")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A training folder (train/ and val/ hold the same images) and three test folders:
+    same/val/<class>: the training images again; swapped/val/<class>: each class's images filed under the
+    next class; flat/<class>: the flat layout, two of the three classes."""
+    root = tmp_path_factory.mktemp("folders")
+    names = list(COLOURS)
+    for k, name in enumerate(names):
+        for split in ("train", "val"):
+            _images(root / "in9" / split / name, COLOURS[name], 4, seed=k)
+        _images(root / "same" / "val" / name, COLOURS[name], 4, seed=k)
+        _images(root / "swapped" / "val" / names[(k + 1) % 3], COLOURS[name], 3, seed=10 + k)
+    for name in ("00_red", "02_blue"):
+        _images(root / "flat" / name, COLOURS[name], 2, seed=20)
+    return root
+
+
+def test_test_dirs_report_each_folder(folders, tmp_path):
+    tests = [str(folders / "same"), str(folders / "swapped"), str(folders / "flat")]
+    results = eval_linear.main(["--random_init", "--arch", "resnet18", "--img_size", "32", "--stem", "standard",
+                                "--dataset", "imagefolder", "--data_dir", str(folders / "in9"), "--test_dirs", *tests,
+                                "--epochs", "20", "--knn", "--workers", "0", "--device", "cpu",
+                                "--output", str(tmp_path / "in9.json")])
+    assert json.loads((tmp_path / "in9.json").read_text()) == results
+    assert results["train_images"] == results["test_images"] == 12 and results["num_classes"] == 3
+    assert list(results["test_dirs"]) == tests
+    same, swapped, flat = (results["test_dirs"][t] for t in tests)
+    assert (same["images"], swapped["images"], flat["images"]) == (12, 9, 4)
+    assert set(same) == {"images", "top1", "top5", "knn_top1"} and same["top5"] is None   # 3 classes: no top-5
+    # val/ holds the training images: so does `same`, scored alike; `swapped` files every image under the
+    # wrong class, so a probe right on the training images is wrong on every one of them.
+    assert results["top1"] == same["top1"] == 100.0 and results["knn_top1"] == same["knn_top1"] == 100.0
+    assert swapped["top1"] == swapped["knn_top1"] == 0.0
+    assert flat["top1"] == 100.0                              # labels by class name: red 0 and blue 2
+
+
+def test_test_dirs_mistakes_are_one_line(folders, tmp_path, capsys):
+    _images(tmp_path / "odd" / "val" / "03_yellow", (200, 200, 30), 1, seed=0)
+    common = ["--random_init", "--arch", "resnet18", "--img_size", "32", "--stem", "standard", "--epochs", "1",
+              "--workers", "0", "--device", "cpu", "--output_dir", str(tmp_path)]
+    for extra, expected in (
+            (["--dataset", "imagefolder", "--data_dir", str(folders / "in9"), "--test_dirs", str(tmp_path / "odd")],
+             ["--test_dirs " + str(tmp_path / "odd"), "03_yellow", "name its class folders as the training folder's"]),
+            (["--dataset", "shapes", "--test_dirs", str(folders / "same")], ["--test_dirs", "--dataset imagefolder"]),
+            (["--dataset", "imagefolder", "--data_dir", str(folders / "in9"), "--test_dirs", str(folders / "same"),
+              str(folders / "same")], ["named twice"]),
+            (["--dataset", "imagefolder", "--data_dir", str(folders / "in9"), "--test_dirs", str(tmp_path / "nope")],
+             ["does not exist"])):
+        with pytest.raises(SystemExit) as e:
+            eval_linear.main(common + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert all(text in err for text in expected), err
 
 
 def test_knn_finds_the_nearest_class():

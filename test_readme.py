@@ -5,6 +5,7 @@ import pathlib
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -37,7 +38,9 @@ def commands():
 
 @pytest.mark.parametrize("line", [line for line in command_lines() if line.startswith("python -c")])
 def test_readme_python_snippet(line):
-    result = subprocess.run(shlex.split(line), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    words = shlex.split(line)
+    words[0] = sys.executable                                 # the interpreter running the tests, not PATH's
+    result = subprocess.run(words, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -89,7 +92,7 @@ def test_ci_installs_and_tests_what_readme_says():
 
 
 def test_readme_is_short_and_every_file_points_to_it():
-    assert len(README.splitlines()) < 400
+    assert len(README.splitlines()) <= 300
     for path in ROOT.glob("*.py"):
         if not path.name.startswith(("test_", "conftest")):
             doc = ast.get_docstring(ast.parse(path.read_text()))

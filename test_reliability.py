@@ -94,7 +94,9 @@ def test_bench_and_eval_answer_bad_input_in_one_line(capsys, script, argv, says)
     (["--max_steps", "0"], "--max_steps 0"), (["--proj_hidden_dim", "0"], "--proj_hidden_dim 0"),
     (["--save_every", "-1"], "--save_every -1"), (["--lr", "0"], "--lr 0.0: must be positive"),
     (["--mask_lr", "-0.1"], "--mask_lr"), (["--temperature", "0"], "--temperature"), (["--alpha", "-1"], "--alpha"),
-    (["--jitter", "0.4", "0.4", "0.4", "0.8"], "hue's at most 0.5"), (["--mask_channels", "0"], "at least 1")])
+    (["--jitter", "0.4", "0.4", "0.4", "0.8"], "hue's at most 0.5"), (["--mask_channels", "0"], "at least 1"),
+    (["--alpha_entropy", "-0.5"], "--alpha_entropy -0.5"), (["--mask_blocks", "1"], "at least 2 blocks"),
+    (["--mask_blocks", "7"], "multiple of 64"), (["--epochs", "2", "--encoder_early_end", "2"], "--encoder_early_end 2")])
 def test_counts_and_rates_out_of_range(capsys, tmp_path, flags, says):
     assert says in bad_input(capsys, tmp_path, *flags)
 

@@ -1,0 +1,93 @@
+"""What a training run shows and records besides its checkpoint: the resolved configuration at start,
+one console line and one log.jsonl line per epoch, the online probe on held-out images, and a picture
+of the masks. README: "Reading the outputs".
+"""
+import json
+import os
+import textwrap
+import time
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+import data
+from eval_linear import shapes_mask_quality
+from masker import Masker
+
+
+def record_epoch(model, log, args, schedules, val_loader, fixed, device, amp):
+    """The end of an epoch on rank 0: add the held-out probe and (shapes) the mask quality to `log`,
+    draw the masks of the `fixed` images, append `log` to log.jsonl and print its console line."""
+    log["online_top1"] = probe_top1(model, val_loader, device, amp())
+    if args.dataset == "shapes" and isinstance(model.masker, Masker):        # the true objects are known
+        quality = shapes_mask_quality(model.masker, min(256, len(val_loader.dataset)), device, seed=args.seed)
+        log.update({f"mask_{k}": v for k, v in quality.items()})
+    if model.masker is not None:
+        save_mask_picture(model, fixed, os.path.join(args.output_dir, f"masks_epoch{log['epoch']:03d}.png"), args)
+    with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(log) + "\n")
+    print(epoch_line(log, args, schedules))
+
+
+def print_config(args, device):
+    """The resolved arguments, compactly, and what they imply (log.jsonl and the checkpoint hold them all)."""
+    source = "the released recipe" if args.recipe else "defaults (no released run matches)"
+    print(f"train.py: {args.dataset} · {args.method} · {args.arch} from {source}; {args.world_size} process(es) "
+          f"on {device}, global batch {args.batch_size * args.world_size}, {args.precision}; output {args.output_dir}")
+    flags = " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("recipe", "world_size"))
+    print(textwrap.fill(flags.replace(", ", ","), width=110, initial_indent="  ", subsequent_indent="  "))
+
+
+def epoch_line(log, args, schedules):
+    """One human line per epoch: losses, slot areas, held-out probe, mask quality, speed, time left."""
+    areas = "/".join(f"{log[k]:.2f}" for k in sorted(log) if k.startswith("enc_area_") and k[9:].isdigit())
+    left = (schedules["last_step"] - log["step"]) * args.batch_size * args.world_size / log["images_per_s"]
+    parts = [f"epoch {log['epoch'] + 1}/{args.epochs}", f"ssl {log['enc_ssl_loss']:.3f}",
+             f"penalty {log['enc_penalty']:.2f}" if areas else "", f"areas {areas}" if areas else "",
+             f"probe {log['online_top1']:.1f} %", f"mask fg-ARI {log['mask_ari_fg']:.2f}" if "mask_ari_fg" in log else "",
+             f"{log['images_per_s']:.0f} img/s", f"ETA {time.strftime('%H:%M:%S', time.gmtime(left))}"]
+    return "  ".join(p for p in parts if p)
+
+
+@torch.no_grad()
+def probe_top1(model, loader, device, autocast):
+    """Top-1 (%) of the online linear probe on the held-out split (encoder in eval mode)."""
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        with autocast:
+            logits = model.net(images.to(device), classify=True).logits
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        total += len(labels)
+    model.train()
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def save_mask_picture(model, images, path, args):
+    """A grid with one row per image: the image, its N masks, then the N masked images (denormalised)."""
+    info = data.dataset_info(args.dataset)
+    masks = model.masker(images).float()                       # (B, N, H, W)
+    B, N = masks.shape[:2]
+    mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
+    show = lambda x: (x.float().cpu() * std + mean).clamp(0, 1)  # noqa: E731
+    tiles = [show(images).unsqueeze(1),                                    # (B, 1, 3, H, W)
+             masks.cpu().unsqueeze(2).expand(-1, -1, 3, -1, -1),            # (B, N, 3, H, W)
+             show(images.unsqueeze(1) * (1 - masks.unsqueeze(2)))]          # (B, N, 3, H, W)
+    grid = torch.cat(tiles, dim=1).flatten(0, 1)                           # (B·(1+2N), 3, H, W)
+    save_image(make_grid(grid, nrow=1 + 2 * N, padding=1, pad_value=1.0), path)
+
+
+class Averager:
+    """Running means of the per-step stats dicts, for the epoch's log line."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def add(self, stats):
+        self.count += 1
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self):
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}

@@ -1,0 +1,108 @@
+"""What train.py builds from its resolved arguments before training: the processes and the device,
+the autocast precision, the data, and the model (bench.py builds the same). README: "Reading guide".
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+import cli_checks
+import data
+import gpu_augment
+from adios import ADIOS
+from encoders import build_encoder
+from masker import BlockMasker, Masker, RandomPatchMasker
+
+
+def fail(message):
+    cli_checks.fail("train.py", message)
+
+
+def setup_distributed(device_arg):
+    """(rank, world size, device) from torchrun's environment; one process when RANK is not set."""
+    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu")
+
+
+def autocast_for(args, device):
+    """A function returning the run's autocast context (fp32: none); resolves --precision and
+    --channels_last defaults for this device first."""
+    bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+    if args.precision == "bf16" and not bf16_ok:
+        fail(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --precision fp16 or fp32")
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def build_data(args, device, world, is_main):
+    """(training loader of this rank's share, held-out split, number of classes), or one line and exit 2."""
+    try:
+        if world > 1 and args.download and not is_main:      # rank 0 downloads, the others wait for it
+            dist.barrier()
+        loader = build_train_loader(args, device, download=args.download and is_main)
+        if world > 1 and args.download and is_main:
+            dist.barrier()
+        _, val_set, num_classes = data.build_eval_datasets(args.dataset, args.data_dir, args.img_size,
+                                                           num_images=args.num_images, seed=args.seed)
+        if args.dataset in ("imagenet100", "imagefolder") and is_main:
+            print(f"checked {data.find_bad_images(args.data_dir)} images under {args.data_dir}")
+    except data.DataError as e:
+        fail(str(e))
+    if len(loader) == 0:
+        fail(f"--batch_size {args.batch_size} × {world} processes exceeds the {len(loader.sampler.dataset)} "
+             "training images: lower --batch_size")
+    return loader, val_set, num_classes
+
+
+def build_train_loader(args, device, download):
+    """Batches ((x_a, x_b), labels) of this rank's share: PIL augmentation in CPU workers, or with
+    --gpu_aug the whole uint8 split on the device, augmented there (gpu_augment.GPULoader)."""
+    if not args.gpu_aug:
+        train_set = data.build_pretrain_dataset(args.dataset, args.data_dir, args.img_size, download,
+                                                args.jitter, args.num_images, args.seed)
+        return data.build_loader(train_set, args.batch_size, args.workers, seed=args.seed)
+    info = data.dataset_info(args.dataset)
+    images, labels = gpu_augment.load_uint8(args.dataset, args.data_dir, args.img_size, download, args.num_images,
+                                            args.seed, with_labels=True)
+    augment = gpu_augment.GPUAugment(args.img_size, info["mean"], info["std"], args.jitter,
+                                     info.get("crop_scale", (0.08, 1.0))).to(device)
+    return gpu_augment.GPULoader(images.to(device), labels, args.batch_size, augment, seed=args.seed)
+
+
+def build_model(args, num_classes, world=1, device=torch.device("cpu")):
+    """ADIOS with the chosen backbone, heads and masker (or a fixed-mask baseline), on device."""
+    encoder, feat_dim = build_encoder(args.arch, args.img_size, args.stem)
+    if args.mask_type == "random":
+        masker = RandomPatchMasker(args.img_size)
+    elif args.mask_type == "block":
+        masker = BlockMasker(args.img_size)
+    else:
+        masker = Masker(args.num_masks, args.img_size, args.mask_channels, args.mask_norm,
+                        args.mask_blocks) if args.num_masks else None
+    model = ADIOS(encoder, feat_dim, masker, method=args.method, alpha=args.alpha, alpha_entropy=args.alpha_entropy,
+                  temperature=args.temperature, single_mask=args.single_mask, proj_hidden_dim=args.proj_hidden_dim,
+                  proj_output_dim=args.proj_output_dim, pred_hidden_dim=args.pred_hidden_dim,
+                  num_classes=num_classes, simsiam_unmasked=args.simsiam_unmasked,
+                  simsiam_masked_targets=args.simsiam_masked_targets,
+                  simsiam_both_masked=args.simsiam_both_masked, gather_negatives=not args.no_gather)
+    model.to(device)
+    if args.channels_last:    # every module, the masker too: with the encoder alone in NHWC, fp32 gradients on
+        model.to(memory_format=torch.channels_last)   # CPU were 4e-3 from float64's, not 2e-5 (mixed-layout kernels)
+    if args.compile:                                          # in place: state_dict keys unchanged
+        model.net.encoder.compile()
+        if isinstance(model.masker, Masker):
+            model.masker.compile()
+    if world > 1:      # per-slot BatchNorm statistics over the global batch (encoders.SlotSyncBatchNorm)
+        on_gpu = device.type == "cuda"
+        model.distribute(device_ids=[device.index] if on_gpu else None, sync_batchnorm=args.sync_bn)
+    return model
