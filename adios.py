@@ -85,7 +85,7 @@ class ADIOS(nn.Module):
         penalty = self.penalty(m_a, m_b)                      # P, Eq. (3) (Sec. 2.3)
         loss = -ssl + self.alpha * penalty
         if self.alpha_entropy:
-            loss = loss + self.alpha_entropy * self.area_entropy(m_a, m_b)
+            loss = loss + self.alpha_entropy * self.slot_entropy(m_a, m_b)
         return loss, self.stats(ssl, penalty, m_a, m_b)
 
     # ---- what the objectives are made of ------------------------------------------------------------
@@ -188,9 +188,13 @@ class ADIOS(nn.Module):
         """Sparsity penalty over every mask this step uses (both views' for SimSiam); 0 without."""
         return sum(sparsity_penalty(m) for m in (m_a, m_b) if m is not None)
 
-    def area_entropy(self, m_a, m_b):
-        """H of the slot areas; SimSiam: one distribution per image over both views' 2N areas."""
-        return area_entropy(torch.cat([slot_areas(m) for m in (m_a, m_b) if m is not None], dim=1))
+    def slot_entropy(self, m_a, m_b):
+        """H of the slot areas. SimSiam: one distribution per image over both views' 2N areas; with
+        ADIOS-s, one H per view (as the released runs)."""
+        areas = [slot_areas(m) for m in (m_a, m_b) if m is not None]          # (B, N) each
+        if self.single_mask:
+            return sum(area_entropy(a) for a in areas)
+        return area_entropy(torch.cat(areas, dim=1))
 
     def stats(self, ssl, penalty, m_a, m_b, extra=()):
         """Floats for the log, read from the device in one copy: the SSL sum, the penalty, and per
@@ -253,9 +257,8 @@ class ADIOS(nn.Module):
 
 # ---- the inference model f_θ -------------------------------------------------------------------
 
+# f_θ's outputs: features h (B, feat_dim), projection z (B, out), prediction p (B, out) or None, logits or None.
 Outputs = namedtuple("Outputs", "h z p logits")
-Outputs.__doc__ = """f_θ's outputs for a batch: features h (B, feat_dim), projection z (B, out), prediction p
-(B, out) or None (SimCLR), and the online probe's logits (B, classes) or None."""
 
 
 class InferenceModel(nn.Module):
@@ -401,9 +404,8 @@ def byol_tau(step, total_steps, tau_base=0.99, tau_final=1.0):
 
 
 def probe_loss(logits, labels):
-    """(cross-entropy, [(name, value)] for the log: CE and top-1 in %) of the online probe over labelled
-    images (label −1 is skipped), without a host sync even when a batch has no labelled image;
-    (0, []) without a probe."""
+    """(cross-entropy, [(name, value)]: CE and top-1 in % for the log) of the online probe over labelled
+    images (label −1 is skipped), without a host sync; (0, []) without a probe."""
     if logits is None:
         return 0, []
     labelled = labels >= 0

@@ -100,11 +100,11 @@ def released_slot_loss(model, x_a, x_b, hide_a, hide_b, classify=False):
     _, z_a, p_a, logits = net(x_a, classify=classify)        # the clean view, again for this slot
     x_bm = occlude(x_b, hide_b)
     if model.method == "simclr":
-        return simclr_loss(z_a, net(x_bm)[1], model.temperature, model.gather_negatives), logits
+        return simclr_loss(z_a, net(x_bm).z, model.temperature, model.gather_negatives), logits
     if model.method == "byol":
-        p_bm = net(x_bm)[2]
+        p_bm = net(x_bm).p
         with torch.no_grad():                                 # target branch: no gradient, ever
-            t_a, t_bm = model.target(x_a)[1], model.target(x_bm)[1]
+            t_a, t_bm = model.target(x_a).z, model.target(x_bm).z
         return byol_loss(p_a, t_bm) + byol_loss(p_bm, t_a), logits
     _, z_b, p_b, _ = net(x_b)                                 # SimSiam: both clean views, again
     _, z_am, p_am, _ = net(occlude(x_a, hide_a))

@@ -41,7 +41,8 @@ def print_config(args, device):
 def epoch_line(log, args, schedules):
     """One human line per epoch: losses, slot areas, held-out probe, mask quality, speed, time left."""
     areas = "/".join(f"{log[k]:.2f}" for k in sorted(log) if k.startswith("enc_area_") and k[9:].isdigit())
-    left = (schedules["last_step"] - log["step"]) * args.batch_size * args.world_size / log["images_per_s"]
+    images_left = (schedules["last_step"] - log["step"]) * args.batch_size * args.world_size
+    left = images_left / log["images_per_s"] if log["images_per_s"] else 0.0
     parts = [f"epoch {log['epoch'] + 1}/{args.epochs}", f"ssl {log['enc_ssl_loss']:.3f}",
              f"penalty {log['enc_penalty']:.2f}" if areas else "", f"areas {areas}" if areas else "",
              f"probe {log['online_top1']:.1f} %", f"mask fg-ARI {log['mask_ari_fg']:.2f}" if "mask_ari_fg" in log else "",

@@ -261,6 +261,19 @@ def test_masker_loss_gradients_equal_the_naive_loop(method, batch_slots):
         torch.testing.assert_close(ours[k], reference[k], msg=k)
 
 
+def test_adios_s_simsiam_takes_one_slot_area_entropy_per_view():
+    # SimSiam's α₂ term pools both views' 2N slot areas per image; ADIOS-s SimSiam (the released
+    # simsiam_adios_s) takes one entropy per view. H = −Σ_b Σ_n p log p, p = softmax of the areas.
+    g = torch.Generator().manual_seed(0)
+    m_a, m_b = torch.randn(2, 5, 3, 4, 4, generator=g, dtype=torch.float64).softmax(dim=2)   # (B, N, H, W) each
+    entropy = lambda areas: -(areas.softmax(1) * areas.log_softmax(1)).sum()           # noqa: E731
+    a_a, a_b = m_a.mean(dim=(2, 3)), m_b.mean(dim=(2, 3))                               # (B, N) each
+    pooled = tiny_adios("simsiam").slot_entropy(m_a, m_b)
+    per_view = tiny_adios("simsiam", single_mask=True).slot_entropy(m_a, m_b)
+    torch.testing.assert_close(pooled, entropy(torch.cat([a_a, a_b], dim=1)))
+    torch.testing.assert_close(per_view, entropy(a_a) + entropy(a_b))
+
+
 @pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_a_masker_step_raises_the_ssl_loss(method):
     model = tiny_adios(method, alpha=0.0)

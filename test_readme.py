@@ -50,13 +50,21 @@ def test_readme_has_the_commands_users_type():
     assert ("train.py", []) in commands()                      # the quickstart
 
 
+@pytest.fixture(scope="module")
+def shapes_checkpoint(tmp_path_factory):
+    """A real two-iteration checkpoint of the quickstart's model, for README's shapes evaluations."""
+    out = tmp_path_factory.mktemp("quickstart")
+    train.main(["--max_steps", "2", "--output_dir", str(out), "--workers", "0", "--num_images", "128"])
+    return out / "checkpoint.pth"
+
+
 @pytest.mark.parametrize("program, argv", commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else v)
-def test_readme_command(program, argv, tmp_path):
+def test_readme_command(program, argv, tmp_path, request):
     args = train.get_args_parser().parse_args(argv) if program == "train.py" else None
     if program == "train.py" and args.dataset == "shapes":
-        # On the embedded data: a real run, two iterations, on a smaller set.
+        # On the embedded data: a real run, two iterations, on a smaller set and batch.
         log = train.main([*argv, "--max_steps", "2", "--output_dir", str(tmp_path), "--workers", "0",
-                          "--num_images", "128"])
+                          "--num_images", "32", "--batch_size", "16"])
         assert log["step"] == 2
     elif program == "train.py":
         resolved = train.main([*argv, "--dry_run"])             # validates every flag, needs no data
@@ -64,8 +72,7 @@ def test_readme_command(program, argv, tmp_path):
     elif program == "eval_linear.py":
         parsed = eval_linear.get_args_parser().parse_args(argv)
         if parsed.dataset == "shapes" and parsed.ckpt:            # evaluate a real two-iteration checkpoint
-            train.main(["--max_steps", "2", "--output_dir", str(tmp_path), "--workers", "0", "--num_images", "128"])
-            ckpt = str(tmp_path / "checkpoint.pth")
+            ckpt = str(request.getfixturevalue("shapes_checkpoint"))
             result = eval_linear.main([*argv, "--ckpt", ckpt, "--epochs", "1", "--num_images", "128",
                                        "--workers", "0", "--output", str(tmp_path / "e.json")])
             assert 0 <= result["top1"] <= 100
