@@ -1,6 +1,6 @@
 """Bad command-line input, answered in one line before any work starts.
 
-train.py, eval_linear.py and bench.py share these checks. Each returns the line that names the flag and
+train.py, eval_linear.py and bench.py share these checks (bench.py builds train.py's models). Each returns the line that names the flag and
 the fix, or None; the entry point prints it under its own name with `fail` (exit code 2), never as a
 traceback from inside torch. README: "When things go wrong".
 """
@@ -108,4 +108,23 @@ def train_args_problem(args):
             return f"--{flag} {value}: must be {'positive' if positive else 'at least 0'}"
     if args.jitter is not None and (min(args.jitter) < 0 or args.jitter[3] > 0.5):
         return f"--jitter {' '.join(map(str, args.jitter))}: strengths must be at least 0, and hue's at most 0.5"
+    return None
+
+
+def eval_args_problem(args):
+    """What eval_linear.py cannot run with, or None. `args`: its parsed arguments."""
+    if args.random_init == (args.ckpt is not None):
+        return "give exactly one of --ckpt and --random_init"
+    if args.random_init and args.arch is None:
+        return "--random_init needs --arch (e.g. --arch resnet18 --img_size 32 --stem standard)"
+    if problem := device_problem(args.device) or below_minimum(args, dict(
+            epochs=0, batch_size=1, img_size=1, num_images=1, mask_images=0, workers=0)):
+        return problem
+    if args.lr <= 0:
+        return f"--lr {args.lr}: must be positive"
+    if args.test_dirs and args.dataset not in ("imagefolder", "imagenet100"):
+        return (f"--test_dirs needs a probe trained on an image folder: use --dataset imagefolder (or "
+                f"imagenet100) with --data_dir holding train/ and val/, not --dataset {args.dataset}")
+    if args.test_dirs and len(set(args.test_dirs)) < len(args.test_dirs):
+        return f"--test_dirs {' '.join(args.test_dirs)}: a folder is named twice; name each once"
     return None

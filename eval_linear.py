@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import cli_checks
-from cli_checks import Parser, below_minimum, device_problem
+from cli_checks import Parser, eval_args_problem
 from data import DATASETS, DataError, build_eval_datasets, build_test_folders, dataset_info, eval_transform
 from encoders import ARCHS, STEMS, build_encoder
 from masker import Masker
@@ -377,27 +377,11 @@ def main(argv=None):
     dataset, protocol ("cached-features" / "augmented"), optimizer ("sgd" / "lars"), img_size, top1,
     top5, knn_top1, probe_losses (mean loss of each epoch), test_dirs ({DIR: {images, top1, top5,
     knn_top1}} or None), mask_quality (dict or None), command, checkpoint, epoch, and a few sizes."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     command = " ".join(sys.argv if argv is None else ["eval_linear.py", *argv])
 
-    # ---- checks before any work ----
-    if args.random_init == (args.ckpt is not None):
-        parser.error("give exactly one of --ckpt and --random_init")
-    if args.random_init and args.arch is None:
-        parser.error("--random_init needs --arch (e.g. --arch resnet18 --img_size 32 --stem standard)")
-    if problem := device_problem(args.device):
+    if problem := eval_args_problem(args):                   # checks before any work
         fail(problem)
-    if problem := below_minimum(args, dict(epochs=0, batch_size=1, img_size=1, num_images=1, mask_images=0,
-                                           workers=0)):
-        fail(problem)
-    if args.lr <= 0:
-        fail(f"--lr {args.lr}: must be positive")
-    if args.test_dirs and args.dataset not in ("imagefolder", "imagenet100"):
-        fail(f"--test_dirs needs a probe trained on an image folder: use --dataset imagefolder (or "
-             f"imagenet100) with --data_dir holding train/ and val/, not --dataset {args.dataset}")
-    if args.test_dirs and len(set(args.test_dirs)) < len(args.test_dirs):
-        fail(f"--test_dirs {' '.join(args.test_dirs)}: a folder is named twice; name each once")
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
