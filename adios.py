@@ -54,8 +54,10 @@ class ADIOS(nn.Module):
         # BYOL's target network: an EMA of encoder + projector, never trained by gradients.
         self.target = InferenceModel(copy.deepcopy(self.net.encoder), copy.deepcopy(projector)).requires_grad_(False) \
             if method == "byol" else None
-        # What each objective calls: the modules, or their DDP wrappers once `distribute` has run (kept
-        # in a plain dict, out of state_dict()).
+        # What each objective calls: the modules, or their DDP wrappers once `distribute` has run. The
+        # wrappers sit in a plain dict, not as submodules: registered, they would add a second copy of
+        # every weight under "module." names to state_dict() and parameters(), so checkpoints written by
+        # one process and by many would differ and the optimisers would see each weight twice.
         self.__dict__["players"] = {"net": self.net, "masker": self.masker}
 
     # ---- the two objectives (Sec. 2) ------------------------------------------------------------
@@ -136,10 +138,11 @@ class ADIOS(nn.Module):
     def encode_masked(self, net, x_a, x_b, hides_a, hides_b):
         """Outputs of every slot's masked view(s): a list with one dict per slot.
 
-        SimCLR/BYOL mask view b (z_b, p_b; BYOL also the target's t_b); SimSiam both views (z_am,
-        p_am, z_bm, p_bm). With batch_slots the S·B masked images go through f_θ as one batch whose
-        BatchNorm layers normalise each slot with its own statistics (SlotBatchNorm), which is the
-        per-slot loop's arithmetic in one call; without, one call per slot.
+        Names: a view is `a` or `b`, its masked form `am` or `bm`; `z` a projection, `p` a prediction,
+        `t` the BYOL target's projection. SimCLR/BYOL mask view b (z_bm; BYOL p_bm and t_bm); SimSiam
+        both views (z_am, p_am, z_bm, p_bm). With batch_slots the masked images of all slots go through
+        f_θ as one batch whose BatchNorm layers normalise each slot with its own statistics
+        (SlotBatchNorm), which is the per-slot loop's arithmetic in one call; without, one call per slot.
         """
         views = [occlude(x_b, h) for h in hides_b]
         if self.method == "simsiam":
@@ -147,41 +150,43 @@ class ADIOS(nn.Module):
                 return [{}]
             views += [occlude(x_a, h) for h in hides_a]
         outs = self.run_views(net, views)                     # one Outputs per view
-        S = len(hides_b)
+        num_slots = len(hides_b)                              # slots in the loss: N, or 1 with ADIOS-s
         if self.method == "simclr":
-            return [dict(z_b=o.z) for o in outs]
+            return [dict(z_bm=o.z) for o in outs]
         if self.method == "byol":
             with torch.no_grad():                             # target branch: no gradient, ever
                 targets = self.run_views(self.target, views)
-            return [dict(p_b=o.p, t_b=t.z) for o, t in zip(outs, targets)]
-        return [dict(z_bm=b.z, p_bm=b.p, z_am=a.z, p_am=a.p) for b, a in zip(outs[:S], outs[S:])]
+            return [dict(p_bm=o.p, t_bm=t.z) for o, t in zip(outs, targets)]
+        return [dict(z_bm=b.z, p_bm=b.p, z_am=a.z, p_am=a.p)
+                for b, a in zip(outs[:num_slots], outs[num_slots:])]
 
     def run_views(self, net, views):
         """net on each (B, 3, H, W) view: one call per view, or one call on all of them stacked."""
         if not self.batch_slots or len(views) == 1:
             return [net(v) for v in views]
-        S = len(views)
-        with slot_statistics(getattr(net, "module", net), S):      # the module inside a DDP wrapper
-            out = net(torch.cat(views))                       # (S·B, 3, H, W) → Outputs of S·B rows
-        parts = [t.chunk(S) if t is not None else [None] * S for t in out]
+        num_views = len(views)                                # N (2N for SimSiam; 1 or 2 with ADIOS-s)
+        with slot_statistics(getattr(net, "module", net), num_views):      # the module inside a DDP wrapper
+            out = net(torch.cat(views))                       # (num_views·B, 3, H, W) → Outputs of num_views·B rows
+        parts = [t.chunk(num_views) if t is not None else [None] * num_views for t in out]
         return [Outputs(*fields) for fields in zip(*parts)]
 
     def slot_loss(self, clean, masked):
-        """L_ssl for one slot, from the clean outputs and that slot's masked outputs."""
+        """L_ssl for one slot, from the clean outputs and that slot's masked outputs (names: encode_masked)."""
         if self.method == "simclr":
-            return simclr_loss(clean["z_a"], masked["z_b"], self.temperature, self.gather_negatives)
+            return simclr_loss(clean["z_a"], masked["z_bm"], self.temperature, self.gather_negatives)
         if self.method == "byol":                             # the masked view through both branches
-            return byol_loss(clean["p_a"], masked["t_b"]) + byol_loss(masked["p_b"], clean["t_a"])
+            return byol_loss(clean["p_a"], masked["t_bm"]) + byol_loss(masked["p_bm"], clean["t_a"])
         c, use = clean, self.simsiam_terms
-        z1m, p1m = masked.get("z_am", c["z_a"]), masked.get("p_am", c["p_a"])
-        z2m, p2m = masked.get("z_bm", c["z_b"]), masked.get("p_bm", c["p_b"])
-        terms = [symmetric_simsiam(p1m, c["z_b"], p2m, c["z_a"])]          # always: masked p vs clean z
+        z_a, p_a, z_b, p_b = c["z_a"], c["p_a"], c["z_b"], c["p_b"]
+        z_am, p_am = masked.get("z_am", z_a), masked.get("p_am", p_a)     # N = 0: no masks, the clean views
+        z_bm, p_bm = masked.get("z_bm", z_b), masked.get("p_bm", p_b)
+        terms = [symmetric_simsiam(p_am, z_b, p_bm, z_a)]      # always: masked p vs clean z
         if use["masked_targets"]:
-            terms.append(symmetric_simsiam(c["p_a"], z2m, c["p_b"], z1m))
+            terms.append(symmetric_simsiam(p_a, z_bm, p_b, z_am))
         if use["unmasked"]:
-            terms.append(symmetric_simsiam(c["p_a"], c["z_b"], c["p_b"], c["z_a"]))
+            terms.append(symmetric_simsiam(p_a, z_b, p_b, z_a))
         if use["both_masked"]:
-            terms.append(symmetric_simsiam(p1m, z2m, p2m, z1m))
+            terms.append(symmetric_simsiam(p_am, z_bm, p_bm, z_am))
         return sum(terms) / len(terms)
 
     def penalty(self, m_a, m_b):

@@ -210,27 +210,29 @@ RECIPE_MASKERS = {  #                            α                    α₂    
     ("imagenet100-224", "simsiam", "resnet18"): (0.5,                 0.0,                4, 32,  "gn", 4),
 }
 # Heads, views and the encoder's schedule. jitter: brightness, contrast, saturation, hue (J: the released
-# default). SimSiam terms besides the always-on masked p vs clean z: u = the unmasked pair, t = clean p
-# vs masked z, b = masked p vs masked z. early: --encoder_early_end, the epochs by which the encoder's
-# warmup-cosine ends before the masker's (the released BYOL runs: 10).
+# default). SimSiam terms added to the always-on masked p vs clean z, each a --simsiam_* flag: the unmasked
+# pair, clean p vs masked z (masked targets), masked p vs masked z (both masked). early:
+# --encoder_early_end, the epochs by which the encoder's warmup-cosine ends before the masker's (the
+# released BYOL runs: 10).
 J, STL10_SIMSIAM_JITTER = (0.8, 0.8, 0.8, 0.2), (0.5521874334305088, 0.4775521429505951, 0.5784474905390056, 0.2)
+UNMASKED, MASKED_TARGETS, BOTH_MASKED = ("simsiam_unmasked",), ("simsiam_masked_targets",), ("simsiam_both_masked",)
 MODEL_COLUMNS = ("proj_output_dim", "proj_hidden_dim", "pred_hidden_dim", "jitter", "simsiam_terms", "encoder_early_end")
-RECIPE_MODELS = {  #                             out   proj  pred  jitter                  SimSiam  early
-    ("stl10", "simclr", "resnet18"):            (256,  2048, None, J,                      "",      0),
-    ("stl10", "byol", "resnet18"):              (256,  4096, 8192, J,                      "",      10),
-    ("stl10", "simsiam", "resnet18"):           (256,  2048, 512,  STL10_SIMSIAM_JITTER,   "u",     0),
-    ("stl10", "simclr", "vit_tiny"):            (128,  2048, None, J,                      "",      0),
-    ("stl10", "byol", "vit_tiny"):              (256,  4096, 8192, J,                      "",      10),
-    ("stl10", "simsiam", "vit_tiny"):           (2048, 2048, 512,  (0.4, 0.4, 0.4, 0.1),   "t",     0),
-    ("imagenet100-96", "simclr", "resnet18"):   (128,  2048, None, J,                      "",      0),
-    ("imagenet100-96", "byol", "resnet18"):     (256,  4096, 8192, (0.4, 0.4, 0.2, 0.1),   "",      10),
-    ("imagenet100-96", "simsiam", "resnet18"):  (2048, 2048, 512,  (0.4, 0.4, 0.4, 0.1),   "ub",    0),
-    ("imagenet100-96", "simclr", "vit_tiny"):   (128,  2048, None, J,                      "",      0),
-    ("imagenet100-96", "byol", "vit_tiny"):     (256,  4096, 8192, (0.4, 0.4, 0.2, 0.1),   "",      10),
-    ("imagenet100-96", "simsiam", "vit_tiny"):  (2048, 2048, 512,  (0.4, 0.4, 0.4, 0.1),   "b",     0),
-    ("imagenet100-224", "simclr", "resnet18"):  (128,  2048, None, (0.7, 0.6, 0.8, 0.15),  "",      0),
-    ("imagenet100-224", "byol", "resnet18"):    (256,  4096, 8192, (0.5, 0.2, 0.25, 0.05), "",      10),
-    ("imagenet100-224", "simsiam", "resnet18"): (2048, 2048, 512,  (0.4, 0.4, 0.4, 0.1),   "utb",   0),
+RECIPE_MODELS = {  #                             out   proj  pred  jitter                  SimSiam terms                             early
+    ("stl10", "simclr", "resnet18"):            (256,  2048, None, J,                      (),                                       0),
+    ("stl10", "byol", "resnet18"):              (256,  4096, 8192, J,                      (),                                       10),
+    ("stl10", "simsiam", "resnet18"):           (256,  2048, 512,  STL10_SIMSIAM_JITTER,   UNMASKED,                                 0),
+    ("stl10", "simclr", "vit_tiny"):            (128,  2048, None, J,                      (),                                       0),
+    ("stl10", "byol", "vit_tiny"):              (256,  4096, 8192, J,                      (),                                       10),
+    ("stl10", "simsiam", "vit_tiny"):           (2048, 2048, 512,  (0.4, 0.4, 0.4, 0.1),   MASKED_TARGETS,                           0),
+    ("imagenet100-96", "simclr", "resnet18"):   (128,  2048, None, J,                      (),                                       0),
+    ("imagenet100-96", "byol", "resnet18"):     (256,  4096, 8192, (0.4, 0.4, 0.2, 0.1),   (),                                       10),
+    ("imagenet100-96", "simsiam", "resnet18"):  (2048, 2048, 512,  (0.4, 0.4, 0.4, 0.1),   UNMASKED + BOTH_MASKED,                   0),
+    ("imagenet100-96", "simclr", "vit_tiny"):   (128,  2048, None, J,                      (),                                       0),
+    ("imagenet100-96", "byol", "vit_tiny"):     (256,  4096, 8192, (0.4, 0.4, 0.2, 0.1),   (),                                       10),
+    ("imagenet100-96", "simsiam", "vit_tiny"):  (2048, 2048, 512,  (0.4, 0.4, 0.4, 0.1),   BOTH_MASKED,                              0),
+    ("imagenet100-224", "simclr", "resnet18"):  (128,  2048, None, (0.7, 0.6, 0.8, 0.15),  (),                                       0),
+    ("imagenet100-224", "byol", "resnet18"):    (256,  4096, 8192, (0.5, 0.2, 0.25, 0.05), (),                                       10),
+    ("imagenet100-224", "simsiam", "resnet18"): (2048, 2048, 512,  (0.4, 0.4, 0.4, 0.1),   UNMASKED + MASKED_TARGETS + BOTH_MASKED,  0),
 }
 # Every released run: SGD in LARS, 10 warmup epochs.
 RECIPE_COMMON = dict(optimizer="lars", warmup_epochs=10)
@@ -250,8 +252,8 @@ def recipe_for(dataset, method, arch, img_size):
     recipe = {**RECIPE_COMMON, **dict(zip(RATE_COLUMNS, RECIPE_RATES[key])),
               **dict(zip(MASKER_COLUMNS, RECIPE_MASKERS[key])), **dict(zip(MODEL_COLUMNS, RECIPE_MODELS[key]))}
     terms = recipe.pop("simsiam_terms")
-    recipe.update(simsiam_unmasked="u" in terms, simsiam_masked_targets="t" in terms, simsiam_both_masked="b" in terms,
-                  jitter=list(recipe["jitter"]), single_mask=key[0] == "imagenet100-224")
+    recipe.update({flag: flag in terms for flag in UNMASKED + MASKED_TARGETS + BOTH_MASKED})
+    recipe.update(jitter=list(recipe["jitter"]), single_mask=key[0] == "imagenet100-224")
     return recipe
 
 
