@@ -130,9 +130,11 @@ class ADIOS(nn.Module):
         return clean
 
     def slot_losses(self, net, clean, x_a, x_b, m_a, m_b):
-        """L_ssl of every slot n: the terms of Σ_n (ADIOS-s: one term, a random slot per image)."""
-        hides_b = slots_to_hide(m_b, self.single_mask)
-        hides_a = slots_to_hide(m_a, self.single_mask) if m_a is not None else [None] * len(hides_b)
+        """L_ssl of every slot n: the terms of Σ_n (ADIOS-s: one term, a random slot per image; SimSiam
+        hides that same slot index in both views, as the released ADIOS-s SimSiam run does)."""
+        pick = random_slots(m_b) if self.single_mask and m_b is not None else None    # (B,) or None
+        hides_b = slots_to_hide(m_b, self.single_mask, pick)
+        hides_a = slots_to_hide(m_a, self.single_mask, pick) if m_a is not None else [None] * len(hides_b)
         return [self.slot_loss(clean, masked) for masked in self.encode_masked(net, x_a, x_b, hides_a, hides_b)]
 
     def encode_masked(self, net, x_a, x_b, hides_a, hides_b):
@@ -304,19 +306,25 @@ def occlude(x, hide):
     return x if hide is None else x * (1 - hide)
 
 
-def slots_to_hide(masks, single_mask):
+def slots_to_hide(masks, single_mask, pick=None):
     """The masks the SSL loss is summed over: a list of (B, 1, H, W), or [None] without a masker.
 
-    ADIOS: all N slots. ADIOS-s (the paper's lightweight variant): one slot per image, drawn uniformly
-    at random afresh on every call, so the SSL loss is computed once instead of N times.
+    ADIOS: all N slots. ADIOS-s (the paper's lightweight variant): one slot per image, so the SSL loss
+    is computed once instead of N times: slot pick[b] of image b (pick (B,); default: drawn uniformly at
+    random afresh on every call, random_slots).
     """
     if masks is None:
         return [None]
     B, N = masks.shape[:2]
     if single_mask:
-        pick = torch.randint(N, (B,), device=masks.device)  # (B,)
+        pick = random_slots(masks) if pick is None else pick                # (B,)
         return [masks[torch.arange(B, device=masks.device), pick].unsqueeze(1)]
     return [masks[:, n:n + 1] for n in range(N)]
+
+
+def random_slots(masks):
+    """ADIOS-s: one slot index per image, uniform over the N slots of masks (B, N, H, W) → (B,)."""
+    return torch.randint(masks.shape[1], (masks.shape[0],), device=masks.device)
 
 
 def slot_areas(masks):
