@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import cli_checks
+import released
 from cli_checks import Parser, eval_args_problem
 from data import DATASETS, DataError, build_eval_datasets, build_test_folders, dataset_info, eval_transform
 from encoders import ARCHS, STEMS, build_encoder
@@ -56,7 +57,8 @@ def fail(message):
 def get_args_parser():
     p = Parser("eval_linear.py", description=__doc__.split("\n")[0])
     # encoder: a checkpoint of train.py, or an untrained one
-    p.add_argument("--ckpt", help="checkpoint written by train.py (its `encoder` and `args` are used)")
+    p.add_argument("--ckpt", help="checkpoint written by train.py (its `encoder` and `args` are used), or an "
+                   "authors' released run: its unpacked folder or its .ckpt (released.py)")
     p.add_argument("--random_init", action="store_true", help="evaluate an untrained encoder (the floor)")
     p.add_argument("--arch", choices=ARCHS, help="encoder of --random_init (a checkpoint names its own)")
     p.add_argument("--stem", choices=STEMS, default="auto", help="ResNet stem of --random_init")
@@ -97,7 +99,14 @@ def get_args_parser():
 # ---- the frozen encoder (and masker) from a checkpoint ---------------------------------------
 
 def load_checkpoint(path):
-    """The checkpoint dict of train.py, or exit with one line naming --ckpt."""
+    """The checkpoint dict of train.py (a released run: the same keys, from released.load_released), or
+    exit with one line naming --ckpt."""
+    if released.is_released_path(path) and os.path.exists(path):
+        try:
+            model, train_args = released.load_released(path)
+        except released.ReleasedError as e:
+            fail(f"--ckpt {path}: {e}")
+        return dict(encoder=model.encoder.state_dict(), model=model.state_dict(), args=vars(train_args))
     if not os.path.isfile(path):
         fail(f"--ckpt {path}: no such file")
     try:
@@ -396,7 +405,8 @@ def main(argv=None):
             fail(f"--ckpt {args.ckpt}: its encoder does not load into {arch} ({str(e).splitlines()[0]})")
         masker = learned_masker(ckpt)
         data_dir = args.data_dir or train_args.get("data_dir") or "data"
-        output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.dataset}")
+        run_dir = train_args["output_dir"] if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+        output = args.output or os.path.join(run_dir, f"eval_{args.dataset}")       # beside the checkpoint
     else:
         enc_size, stem, arch = args.img_size or DATASETS[args.dataset]["img_size"], args.stem, args.arch
         encoder, feat_dim = frozen_encoder(arch, enc_size, stem)

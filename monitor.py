@@ -66,14 +66,25 @@ def probe_top1(model, loader, device, autocast):
 
 @torch.no_grad()
 def save_mask_picture(model, images, path, args):
-    """A grid with one row per image: the image, its N masks, then the N masked images (denormalised)."""
+    """The masks of the `fixed` held-out images after an epoch, drawn by draw_masks."""
     info = data.dataset_info(args.dataset)
-    masks = model.masker(images).float()                       # (B, N, H, W)
-    B, N = masks.shape[:2]
-    mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
-    show = lambda x: (x.float().cpu() * std + mean).clamp(0, 1)  # noqa: E731
+    draw_masks(images, model.masker(images), info["mean"], info["std"], path)
+
+
+@torch.no_grad()
+def draw_masks(images, masks, mean, std, path):
+    """A grid with one row per image: the image, its N masks, then the N masked images x ⊙ (1 − m_n).
+
+    images: (B, 3, H, W) normalised with the dataset's mean and std (shown denormalised); masks: (B, N, H, W).
+    Training's pictures (save_mask_picture) and show_masks.py draw with this one function.
+    """
+    masks = masks.float().cpu()
+    images = images.float().cpu()
+    N = masks.shape[1]
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    show = lambda x: (x * std + mean).clamp(0, 1)  # noqa: E731
     tiles = [show(images).unsqueeze(1),                                    # (B, 1, 3, H, W)
-             masks.cpu().unsqueeze(2).expand(-1, -1, 3, -1, -1),            # (B, N, 3, H, W)
+             masks.unsqueeze(2).expand(-1, -1, 3, -1, -1),                  # (B, N, 3, H, W)
              show(images.unsqueeze(1) * (1 - masks.unsqueeze(2)))]          # (B, N, 3, H, W)
     grid = torch.cat(tiles, dim=1).flatten(0, 1)                           # (B·(1+2N), 3, H, W)
     save_image(make_grid(grid, nrow=1 + 2 * N, padding=1, pad_value=1.0), path)
