@@ -9,9 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from PIL import Image
 
 import bench
 import eval_linear
+import show_masks
 import train
 
 ROOT = pathlib.Path(__file__).parent
@@ -79,6 +82,15 @@ def test_readme_command(program, argv, tmp_path, request):
             result = eval_linear.main([*argv, "--ckpt", ckpt, "--epochs", "1", "--num_images", "128",
                                        "--workers", "0", "--output", str(tmp_path / "e.json")])
             assert 0 <= result["top1"] <= 100
+    elif program == "show_masks.py":
+        parsed = show_masks.get_args_parser().parse_args(argv)
+        if parsed.ckpt.endswith(".pth") and "shapes" in parsed.ckpt:   # a real checkpoint, on two made-up photos
+            photos = [tmp_path / "a.png", tmp_path / "b.jpg"]
+            for k, path in enumerate(photos):
+                Image.new("RGB", (48 + 16 * k, 40), (40 * k, 200, 90)).save(path)
+            ckpt = str(request.getfixturevalue("shapes_checkpoint"))
+            out = show_masks.main(["--ckpt", ckpt, "--out", str(tmp_path / "m"), *map(str, photos)])
+            assert torch.load(pathlib.Path(out) / "masks.pt", weights_only=True)["masks"].shape[0] == 2
     elif program == "bench.py":
         bench.get_args_parser().parse_args(argv)
     else:
