@@ -10,6 +10,7 @@ code runs: `torch.load(weights_only=True)`, with Lightning's class-keyed callbac
 stand-ins and dropped. README: "The authors' models"; docs/released.md has the details.
 """
 import json
+import math
 import os
 import re
 
@@ -117,52 +118,53 @@ def released_train_args(released, run_dir):
     wandb_dir) are never taken: --data_dir keeps train.py's default, --output_dir is the run folder.
     """
     import train                                              # here: train.py imports the whole training stack
-    method = need(released, "method")
+    from encoders import ARCHS
+    method, dataset, arch = need(released, "method"), need(released, "dataset"), need(released, "encoder")
     if method not in RELEASED_METHODS:
         raise ReleasedError(f"args.json 'method' {method!r} is not one of the released ADIOS methods "
                             f"({', '.join(RELEASED_METHODS)})")
-    base, single = RELEASED_METHODS[method]
+    if dataset not in RELEASED_DATASETS:
+        raise ReleasedError(f"args.json 'dataset' {dataset!r}: this repo takes {', '.join(RELEASED_DATASETS)}")
+    if arch not in ARCHS:
+        raise ReleasedError(f"args.json 'encoder' {arch!r}: this repo builds {', '.join(ARCHS)}")
     if released.get("cifar"):
         raise ReleasedError("args.json 'cifar' is true: the released CIFAR ResNet stem pads its 3×3 conv by 2, "
                             "train.py's by 1, so its features would differ")
-    dataset = need(released, "dataset")
-    if dataset not in RELEASED_DATASETS:
-        raise ReleasedError(f"args.json 'dataset' {dataset!r}: choose one of {', '.join(RELEASED_DATASETS)}")
-    unet_norm, arch = need(released, "unet_norm"), need(released, "encoder")
+    unet_norm = need(released, "unet_norm")
     if unet_norm not in UNET_NORMS:
         raise ReleasedError(f"args.json 'unet_norm' {unet_norm!r} is none of {', '.join(UNET_NORMS)}")
+    base, single = RELEASED_METHODS[method]
     img_size = int(need(released, "img_size"))
-    # U-Net depth: SimSiam names it; the others take log2(img_size) − 1 (the released code).
-    blocks = need(released, "num_blocks") if base == "simsiam" else None
-    argv = ["--dataset", RELEASED_DATASETS[dataset], "--img_size", img_size, "--method", base, "--arch", arch,
-            "--num_masks", need(released, "N"), "--mask_channels", need(released, "mask_fbase"),
-            "--mask_norm", UNET_NORMS[unet_norm], "--proj_hidden_dim", need(released, "proj_hidden_dim"),
-            "--proj_output_dim", need(released, "output_dim"), "--single_mask" if single else "--no-single_mask"]
-    if blocks is not None:
-        argv += ["--mask_blocks", blocks]
+    # The model, exactly. U-Net depth: SimSiam names it; the others take int(log2(img_size) − 1), as released.
+    ours = dict(num_masks=int(need(released, "N")), mask_channels=int(need(released, "mask_fbase")),
+                mask_norm=UNET_NORMS[unet_norm], proj_hidden_dim=int(need(released, "proj_hidden_dim")),
+                proj_output_dim=int(need(released, "output_dim")), single_mask=single,
+                mask_blocks=int(need(released, "num_blocks")) if base == "simsiam" else int(math.log2(img_size) - 1))
     if base != "simclr":
-        argv += ["--pred_hidden_dim", need(released, "pred_hidden_dim")]
+        ours["pred_hidden_dim"] = int(need(released, "pred_hidden_dim"))
     if arch.startswith("resnet"):
-        argv += ["--stem", "standard"]                        # ImageNet's stem at every size (cifar is false)
-    renamed = dict(lr="lr", mask_lr="mask_lr", weight_decay="weight_decay", batch_size="batch_size",
-                   max_epochs="epochs", alpha_sparsity="alpha", alpha_entropy="alpha_entropy",
-                   temperature="temperature", warmup_epochs="warmup_epochs", train_mask_epoch="encoder_early_end")
-    for theirs, ours in renamed.items():
+        ours["stem"] = "standard"                             # ImageNet's stem at every size (cifar is false)
+    # The recipe, where args.json has it.
+    renamed = dict(lr=("lr", float), mask_lr=("mask_lr", float), weight_decay=("weight_decay", float),
+                   batch_size=("batch_size", int), max_epochs=("epochs", int), alpha_sparsity=("alpha", float),
+                   alpha_entropy=("alpha_entropy", float), temperature=("temperature", float),
+                   warmup_epochs=("warmup_epochs", int), train_mask_epoch=("encoder_early_end", int))
+    for theirs, (flag, kind) in renamed.items():
         if released.get(theirs) is not None:
-            argv += [f"--{ours}", released[theirs]]
+            ours[flag] = kind(released[theirs])
     jitter = [released.get(k) for k in ("brightness", "contrast", "saturation", "hue")]
     if all(isinstance(j, list) and j for j in jitter):
-        argv += ["--jitter", *[j[0] for j in jitter]]
+        ours["jitter"] = [float(j[0]) for j in jitter]
     if base == "simsiam":                                     # the released SimSiam terms, by their names here
-        for theirs, ours in (("use_no_mask", "simsiam_unmasked"), ("use_symmetry_mask", "simsiam_masked_targets"),
+        for theirs, flag in (("use_no_mask", "simsiam_unmasked"), ("use_symmetry_mask", "simsiam_masked_targets"),
                              ("use_both_mask", "simsiam_both_masked")):
             if theirs in released:
-                argv.append(f"--{ours}" if released[theirs] else f"--no-{ours}")
-    argv += ["--output_dir", run_dir]
-    try:
-        args = train.resolve_args(train.get_args_parser().parse_args([str(a) for a in argv]))
-    except SystemExit:                                        # argparse has printed its one line
-        raise ReleasedError("args.json holds values train.py's flags do not take (see the line above)") from None
+                ours[flag] = bool(released[theirs])
+    # train.py's parser picks the recipe; the values above win over it, as flags given on a command line do.
+    args = train.get_args_parser().parse_args(["--dataset", RELEASED_DATASETS[dataset], "--method", base,
+                                               "--arch", arch, "--output_dir", run_dir])
+    vars(args).update(ours, img_size=img_size)
+    args = train.resolve_args(args)
     if problem := train.train_args_problem(args):
         raise ReleasedError(f"args.json describes a model this repo cannot build: {problem}")
     return args

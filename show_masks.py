@@ -1,7 +1,7 @@
 """The masks ADIOS learned, on any photos: the paper's qualitative figure (Fig. 1) from a checkpoint.
 
     python show_masks.py --ckpt runs/shapes_simclr_resnet18/checkpoint.pth photo.jpg photos/
-    python show_masks.py --ckpt imagenet100s_simclr_resnet18 --released_view photos/   # an authors' model
+    python show_masks.py --ckpt simclr_adios_imagenet100s --released_view photos/   # an authors' model
 
 --ckpt takes a checkpoint of train.py (.pth) or one of the authors' released runs (its unpacked folder or
 its .ckpt: released.py). Each image is shown as the model sees it, then its N masks, then the N masked

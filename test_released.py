@@ -301,9 +301,11 @@ def test_a_key_that_does_not_fit_is_refused_by_name(tmp_path, runs):
     torch.save({"pytorch-lightning_version": "1.4.7", "state_dict": short}, next(run.glob("*.ckpt")))
     with pytest.raises(released.ReleasedError, match="masker.head.bias"):
         released.load_released(str(run))
-    (run / "args.json").write_text(json.dumps({k: v for k, v in args.items() if k != "mask_fbase"}))
-    with pytest.raises(released.ReleasedError, match="mask_fbase"):
-        released.load_released(str(run))
+    for changed, name in (({k: v for k, v in args.items() if k != "mask_fbase"}, "mask_fbase"),
+                          (dict(args, cifar=True), "cifar"), (dict(args, method="simclr_gt"), "method")):
+        (run / "args.json").write_text(json.dumps(changed))
+        with pytest.raises(released.ReleasedError, match=name):
+            released.load_released(str(run))
 
 
 class LoggerCallback:
@@ -369,7 +371,12 @@ def test_show_masks_draws_the_masks_of_any_photo(tmp_path, runs):
     assert torch.allclose(masks.sum(1), torch.ones(3, IMG, IMG), atol=1e-5)
     picture = Image.open(out / "masks.png")
     assert picture.size == ((1 + 2 * N) * (IMG + 1) + 1, 3 * (IMG + 1) + 1)     # make_grid, 1-px padding
+    info = data.dataset_info("imagenet100")
+    rgb = Image.open(single).convert("RGB")
+    assert torch.allclose(images[2], data.eval_transform(IMG, info["mean"], info["std"])(rgb))    # the whole photo
     show_masks.main(["--ckpt", str(folder), "--released_view", str(single)])                # default DIR
+    released_view = torch.load(folder / "masks" / "masks.pt", weights_only=True)["images"][0]
+    assert torch.allclose(released_view, data.eval_transform(IMG, info["mean"], info["std"], 256)(rgb))
     assert (folder / "masks" / "masks.png").exists()
 
 
