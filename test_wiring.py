@@ -98,9 +98,10 @@ def byol_fp16_resumed(tmp_path_factory):
         real_autocast(args, device)
         return contextlib.nullcontext
 
-    def step_spy(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp):
+    def step_spy(*args, **kwargs):
+        scaler = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.amp.GradScaler))
         record["scalers"].append(copy.deepcopy(scaler.state_dict()))
-        return real_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp)
+        return real_step(*args, **kwargs)
 
     def update_spy(self, tau):
         record["taus"].append(tau)
@@ -162,7 +163,8 @@ def test_every_epoch_shows_new_views_reproducibly():
     assert loader.num_workers == 2
     first, second = epoch_views(loader, 0), epoch_views(loader, 1)
     assert len(view_bytes(first)) == len(view_bytes(second)) == 2 * 32            # 32 images, two views each
-    assert view_bytes(first).isdisjoint(view_bytes(second))
+    repeated = len(view_bytes(first) & view_bytes(second))
+    assert repeated == 0                                  # no view of epoch 0 is shown again in epoch 1
     assert_same_batches(epoch_views(loader, 0), first)
     assert_same_batches(epoch_views(run_setup.build_data(args, CPU, 1, True)[0], 1), second)
 
@@ -309,7 +311,7 @@ def test_each_rank_draws_its_own_step_randomness(monkeypatch):
     assert len(seeds) == 3 * 500 * 8
     draws = {}
 
-    def spy(model, *rest):
+    def spy(*args, **kwargs):
         draws.setdefault(rank, []).append(torch.rand(3))
         return {"ssl_loss": 1.0}, {}
 
