@@ -5,17 +5,16 @@ the two train.py runs share one module-scoped fixture.
 """
 import contextlib
 import copy
-import math
 import types
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 import adios
 import data
+import eval_linear
 import gpu_augment
 import monitor
 import optim
@@ -59,7 +58,7 @@ def groups_of(opt):
     return {id(p): g for g in opt.param_groups for p in g["params"]}
 
 
-# ---- 1. SimCLR's temperature reaches the loss ------------------------------------------------------
+# ---- 1. SimCLR's temperature reaches the loss --------------------------------------------------------
 
 def test_simclr_temperature_reaches_the_loss():
     # --temperature reaches ADIOS, and ADIOS's SimCLR loss is NT-Xent at that T for every slot: written
@@ -77,7 +76,7 @@ def test_simclr_temperature_reaches_the_loss():
     assert abs(expected - at_default) > 1e-3                                # T visibly matters here
 
 
-# ---- 2 and 3: one BYOL run with the fp16 GradScaler, stopped after 2 steps and resumed -----------------
+# ---- 2 and 3: one BYOL run with the fp16 GradScaler, stopped after 2 steps and resumed ---------------
 
 @pytest.fixture(scope="module")
 def byol_fp16_resumed(tmp_path_factory):
@@ -136,7 +135,7 @@ def test_resume_restores_the_fp16_grad_scaler(byol_fp16_resumed):
     assert byol_fp16_resumed["final"]["scaler"]["scale"] == 2.0 ** 11                   # and keeps it
 
 
-# ---- 4. every epoch shows new views, reproducibly -----------------------------------------------------
+# ---- 4. every epoch shows new views, reproducibly ----------------------------------------------------
 
 def epoch_views(loader, epoch):
     """Every view of one epoch from train.py's loader, as a list of (x_a, x_b) batches."""
@@ -169,7 +168,7 @@ def test_every_epoch_shows_new_views_reproducibly():
     assert_same_batches(epoch_views(run_setup.build_data(args, CPU, 1, True)[0], 1), second)
 
 
-# ---- 5. the fast probe standardises with the train split's statistics only ----------------------------
+# ---- 5. the fast probe standardises with the train split's statistics only ---------------------------
 
 def test_probe_standardisation_is_fitted_on_train_and_applied_unchanged():
     g = torch.Generator().manual_seed(0)
@@ -190,7 +189,7 @@ def test_probe_standardisation_is_fitted_on_train_and_applied_unchanged():
         torch.testing.assert_close(head(test_feats[:5]), head(test_feats)[:5], rtol=0, atol=1e-5)
 
 
-# ---- 6. --gpu_aug: the crop scale it is given, and torchvision's hue shift ----------------------------
+# ---- 6. --gpu_aug: the crop scale it is given, and torchvision's hue shift ---------------------------
 
 def test_gpu_augment_honours_its_crop_scale():
     # Scale (1, 1): RandomResizedCrop finds no box of area 1 with a ratio ≠ 1 and keeps the whole image,
@@ -225,7 +224,7 @@ def test_gpu_hue_shift_equals_torchvision_adjust_hue():
     torch.testing.assert_close(out[B - 1], x[B - 1], rtol=0, atol=2e-6)
 
 
-# ---- 7. the online probe never trains the encoder -------------------------------------------------------
+# ---- 7. the online probe never trains the encoder ----------------------------------------------------
 
 def test_online_probe_leaves_the_encoders_gradients_alone():
     model = tiny_adios("simclr", num_classes=4)
@@ -240,7 +239,7 @@ def test_online_probe_leaves_the_encoders_gradients_alone():
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-14)
 
 
-# ---- 8. SimSiam's predictor keeps its rate -------------------------------------------------------------
+# ---- 8. SimSiam's predictor keeps its rate -----------------------------------------------------------
 
 def opt_args(method, **kw):
     """The arguments optim.build_optimizers reads (as train.py resolves them)."""
@@ -269,7 +268,7 @@ def test_simsiam_predictor_keeps_its_rate_from_step_0(method):
     assert (args.lr in rates) == (method == "simsiam") and 0.003 in rates
 
 
-# ---- 9. weight decay: which groups carry it, and that it is applied ------------------------------------
+# ---- 9. weight decay: which groups carry it, and that it is applied ----------------------------------
 
 def test_weight_decay_reaches_the_weights_and_only_them():
     # As the released runs: both players' optimisers decay their weights (dim ≥ 2) by --weight_decay,
@@ -302,7 +301,7 @@ def test_weight_decay_reaches_the_weights_and_only_them():
                                    rtol=0, atol=1e-15, msg=name)
 
 
-# ---- 10. a step's random draws differ between ranks ----------------------------------------------------
+# ---- 10. a step's random draws differ between ranks --------------------------------------------------
 
 def test_each_rank_draws_its_own_step_randomness(monkeypatch):
     # train_one_epoch seeds each step with train.step_seed(seed, step, rank): the same step on two ranks
@@ -330,10 +329,11 @@ def test_each_rank_draws_its_own_step_randomness(monkeypatch):
     assert all(not torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
 
 
-# ---- 11. LARS clips at a base rate other than 1 --------------------------------------------------------
+# ---- 11. LARS clips at a base rate other than 1 ------------------------------------------------------
 
 def test_lars_clips_the_local_rate_at_any_base_rate():
-    # local rate = η‖w‖ / (‖g‖ + wd‖w‖), never above the base rate lr: the step is min(local, lr)·(g + wd·w).
+    # local rate = η‖w‖ / (‖g‖ + wd‖w‖), never above the base rate lr:
+    # the step is min(local, lr)·(g + wd·w).
     lr, wd, eta = 0.1, 0.01, 0.02
     g = torch.Generator().manual_seed(0)
     for scale in (1e-4, 1.0):                                  # local rate ≫ lr (clipped to lr); ≪ lr (kept)
@@ -347,7 +347,7 @@ def test_lars_clips_the_local_rate_at_any_base_rate():
         torch.testing.assert_close(w.detach(), w0 - min(local, lr) * (w.grad + wd * w0), rtol=0, atol=1e-14)
 
 
-# ---- the difference from the released runs that we follow: ADIOS-s SimSiam hides one slot index ---------
+# ---- the difference from the released runs that we follow: ADIOS-s SimSiam hides one slot index ------
 
 @pytest.mark.parametrize("objective", ["encoder_loss", "masker_loss"])
 def test_adios_s_simsiam_hides_the_same_slot_in_both_views(monkeypatch, objective):
@@ -355,7 +355,8 @@ def test_adios_s_simsiam_hides_the_same_slot_in_both_views(monkeypatch, objectiv
     # is hidden is read back from the hidden masks themselves.
     hidden = []
     real = adios.slots_to_hide
-    monkeypatch.setattr(adios, "slots_to_hide", lambda masks, *a: hidden.append((masks, real(masks, *a))) or hidden[-1][1])
+    monkeypatch.setattr(adios, "slots_to_hide",
+                        lambda masks, *a: hidden.append((masks, real(masks, *a))) or hidden[-1][1])
     model = tiny_adios("simsiam", num_masks=4, single_mask=True)
     x_a, x_b = views(B=16)
     picks = []
@@ -373,15 +374,16 @@ def test_adios_s_simsiam_hides_the_same_slot_in_both_views(monkeypatch, objectiv
     assert set(picks) == {0, 1, 2, 3}                            # a random slot per image, not a fixed one
 
 
-# ---- 12. more wirings ----------------------------------------------------------------------------------
+# ---- 12. more wirings --------------------------------------------------------------------------------
 
 def test_every_model_flag_reaches_the_model():
     # run_setup.build_model hands each flag to its own argument: a swap or a dropped keyword would
     # build a valid model of another recipe without a word.
     args = parsed("--method", "simsiam", "--num_masks", "3", "--single_mask", "--alpha", "0.7",
-                  "--alpha_entropy", "0.3", "--temperature", "0.35", "--simsiam_unmasked", "--no-simsiam_masked_targets",
-                  "--simsiam_both_masked", "--no_gather", "--mask_channels", "8", "--mask_norm", "in",
-                  "--mask_blocks", "3", "--proj_hidden_dim", "24", "--proj_output_dim", "12", "--pred_hidden_dim", "20")
+                  "--alpha_entropy", "0.3", "--temperature", "0.35", "--simsiam_unmasked",
+                  "--no-simsiam_masked_targets", "--simsiam_both_masked", "--no_gather", "--mask_channels", "8",
+                  "--mask_norm", "in", "--mask_blocks", "3", "--proj_hidden_dim", "24", "--proj_output_dim", "12",
+                  "--pred_hidden_dim", "20")
     model = run_setup.build_model(args, num_classes=4)
     assert (model.method, model.alpha, model.alpha_entropy, model.temperature) == ("simsiam", 0.7, 0.3, 0.35)
     assert model.single_mask and not model.gather_negatives
@@ -426,7 +428,8 @@ def test_grad_scaler_wraps_both_players_steps():
         torch.testing.assert_close(scaled[k], plain[k], rtol=1e-12, atol=1e-14, msg=k)
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("precision, dtype",
+                         [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_precision_flag_sets_the_autocast_dtype(precision, dtype):
     args = types.SimpleNamespace(precision=precision, channels_last=None)
     amp = run_setup.autocast_for(args, CPU)
@@ -434,3 +437,30 @@ def test_precision_flag_sets_the_autocast_dtype(precision, dtype):
     with amp():
         assert (a @ a).dtype == dtype
     assert args.channels_last is False
+
+
+def test_linear_probe_and_knn_are_scored_on_the_test_split(monkeypatch, tmp_path):
+    # eval_linear.main: the probe trains on (and kNN searches) the train split's features and both are
+    # scored on the test split's: a swap would report accuracy on training images without a word.
+    source, scored = {}, []
+    real_extract, real_accuracies = eval_linear.extract_features, eval_linear.accuracies
+
+    def extract(encoder, dataset, *args, **kwargs):
+        feats, labels = real_extract(encoder, dataset, *args, **kwargs)
+        source[id(feats)] = dataset.split                         # shapes: "train" or "test"
+        return feats, labels
+
+    def accuracies(head, bank, feats, *args, **kwargs):
+        scored.append((source[id(feats)], source[id(bank[0])]))
+        return real_accuracies(head, bank, feats, *args, **kwargs)
+
+    monkeypatch.setattr(eval_linear, "extract_features", extract)
+    monkeypatch.setattr(eval_linear, "accuracies", accuracies)
+    trained = []
+    real_probe = eval_linear.cached_linear_probe
+    monkeypatch.setattr(eval_linear, "cached_linear_probe",
+                        lambda feats, *a, **k: trained.append(source[id(feats)]) or real_probe(feats, *a, **k))
+    eval_linear.main(["--random_init", "--arch", "resnet18", "--img_size", "32", "--stem", "standard", "--dataset",
+                      "shapes", "--num_images", "32", "--epochs", "1", "--knn", "--workers", "0", "--device", "cpu",
+                      "--output", str(tmp_path / "eval.json")])
+    assert trained == ["train"] and scored == [("test", "train")]
