@@ -342,3 +342,12 @@ def test_simclr_clean_side_gathered_once_gives_the_per_slot_gradients():
         torch.testing.assert_close(ga1, ga)
         for x, y in zip(gbm1, gbm):
             torch.testing.assert_close(x, y)
+    # and both equal one process holding the whole batch (no gather at all): the ranks' mean loss, and
+    # their gradients ÷ world (DDP's averaging), are the whole batch's
+    a, bms = z_a.clone().requires_grad_(), [z.clone().requires_grad_() for z in z_bms]
+    whole = sum(simclr_loss(a, bm, 0.2) for bm in bms)
+    whole.backward()
+    torch.testing.assert_close(sum(out[r][1][0] for r in range(world)) / world, whole)
+    torch.testing.assert_close(torch.cat([out[r][1][1] for r in range(world)]) / world, a.grad)
+    for n in range(n_slots):
+        torch.testing.assert_close(torch.cat([out[r][1][2][n] for r in range(world)]) / world, bms[n].grad)
