@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+import eval_linear
 import train
 from adios import ADIOS, byol_loss, normalised_and_gathered, released_order, simclr_loss, simsiam_loss, sparsity_penalty
 from encoders import (SlotBatchNormMixin, apply_statistics, convert_to_slot_batchnorm, deferred_statistics,
@@ -351,3 +352,48 @@ def test_simclr_clean_side_gathered_once_gives_the_per_slot_gradients():
     torch.testing.assert_close(torch.cat([out[r][1][1] for r in range(world)]) / world, a.grad)
     for n in range(n_slots):
         torch.testing.assert_close(torch.cat([out[r][1][2][n] for r in range(world)]) / world, bms[n].grad)
+
+
+# ---- eval_linear.py --precise_bn ---------------------------------------------------------------------
+
+def test_precise_batchnorm_is_the_cumulative_average_over_clean_batches():
+    torch.manual_seed(0)
+    encoder = tiny_encoder().double()
+    bn = encoder[1]
+    bn.running_mean.fill_(5.0)                                # what training left: to be replaced
+    images = torch.randn(12, 3, IMG, IMG, dtype=torch.float64) * 2 + 1
+    drawn = []                                                # the shuffled order the loader takes
+
+    class Recorded(torch.utils.data.TensorDataset):
+        def __getitem__(self, i):
+            drawn.append(i)
+            return super().__getitem__(i)
+
+    dataset = Recorded(images, torch.zeros(12, dtype=torch.long))
+    weights = {k: v.clone() for k, v in encoder.state_dict().items() if "running" not in k and "num_b" not in k}
+    seen = eval_linear.precise_batchnorm(encoder.eval(), dataset, 2, 4, 0, torch.device("cpu"), seed=3)
+    assert seen == 8 and not encoder.training and bn.momentum == 0.1
+    # by hand: the first BatchNorm's input is conv(x); its statistics per shuffled batch, averaged with equal weights
+    order = torch.tensor(drawn)
+    assert len(order) == 8 and len(set(drawn)) == 8
+    with torch.no_grad():
+        outs = [encoder[0](images[order[i:i + 4]]) for i in (0, 4)]                   # 2 × (4, 8, h, w)
+    means = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+    variances = torch.stack([o.transpose(0, 1).flatten(1).var(dim=1) for o in outs]).mean(0)   # unbiased
+    torch.testing.assert_close(bn.running_mean, means)
+    torch.testing.assert_close(bn.running_var, variances)
+    assert int(bn.num_batches_tracked) == 2
+    for k, v in weights.items():
+        assert torch.equal(encoder.state_dict()[k], v), k
+
+
+def test_eval_linear_precise_bn_flag(tmp_path, capsys):
+    run = ["--random_init", "--arch", "resnet18", "--img_size", "32", "--stem", "standard", "--dataset", "shapes",
+           "--num_images", "64", "--epochs", "1", "--workers", "0", "--device", "cpu", "--batch_size", "16",
+           "--mask_images", "0", "--output_dir", str(tmp_path)]
+    assert eval_linear.get_args_parser().parse_args(run).precise_bn == 0            # off by default
+    results = eval_linear.main([*run, "--precise_bn", "2"])
+    assert results["precise_bn"] == 2 and "over 32 clean training images" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        eval_linear.main([*run, "--precise_bn", "-1"])
+    assert exit_.value.code == 2 and "--precise_bn -1" in capsys.readouterr().err
