@@ -25,7 +25,8 @@ def build_encoder(arch, img_size, stem="auto"):
     from 64 px up and uses the CIFAR stem (3×3 stride-1 conv, no max-pool) below (README: "Recipes");
     "standard"/"small" force one. The small stem costs ~15× more at 32 px: on a CPU at 32 px the
     standard stem is the affordable one.
-    ViTs are torchvision's VisionTransformer (patch 16) returning the CLS token's features.
+    ViTs are torchvision's VisionTransformer (patch 16) returning the CLS token's features, with the
+    initialisation of the released runs' timm ViT (timm_vit_init).
     """
     if arch in ("resnet18", "resnet50"):
         if stem not in STEMS:
@@ -47,8 +48,34 @@ def build_encoder(arch, img_size, stem="auto"):
             image_size=img_size, patch_size=16, num_layers=12, num_heads=heads,
             hidden_dim=width, mlp_dim=4 * width)
         net.heads = nn.Identity()                             # forward returns the CLS token (B, width)
-        return net, width
+        return timm_vit_init(net), width
     raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+
+
+def timm_vit_init(net):
+    """Initialise a torchvision VisionTransformer as timm 0.4.12–0.5.x initialises its VisionTransformer
+    (weight_init ''), the version the released runs were built with: class token and position embedding
+    trunc_normal(std .02); every Linear, and the fused q/k/v projection (timm's `qkv` Linear), trunc_normal(std
+    .02) with zero bias; LayerNorm weight 1, bias 0; the patch embedding keeps PyTorch's default Conv2d init
+    (timm's note: "conv was left to pytorch default"). timm's trunc_normal_ cuts at ±2 absolute (100 std),
+    as torch.nn.init.trunc_normal_ does. Returns net, initialised in place."""
+    trunc = lambda t: nn.init.trunc_normal_(t, std=.02, a=-2.0, b=2.0)      # noqa: E731
+    with torch.no_grad():
+        trunc(net.class_token)                                # (1, 1, D)
+        trunc(net.encoder.pos_embedding)                      # (1, 1 + patches, D)
+        net.conv_proj.reset_parameters()                      # PyTorch's default: kaiming-uniform, uniform bias
+        for m in net.modules():
+            if isinstance(m, nn.Linear):                      # MLPs, attention output projections
+                trunc(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.MultiheadAttention):        # q, k, v in one (3D, D) weight, as timm's qkv
+                trunc(m.in_proj_weight)
+                nn.init.zeros_(m.in_proj_bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    return net
 
 
 def simclr_projector(in_dim, hidden_dim=2048, out_dim=256):

@@ -20,6 +20,7 @@ import train
 from adios import ADIOS, byol_loss, normalised_and_gathered, released_order, simclr_loss, simsiam_loss, sparsity_penalty
 from encoders import (SlotBatchNormMixin, apply_statistics, convert_to_slot_batchnorm, deferred_statistics,
                       slot_statistics)
+from encoders import build_encoder
 from masker import Masker
 
 B, IMG, N = 6, 16, 3
@@ -397,3 +398,29 @@ def test_eval_linear_precise_bn_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         eval_linear.main([*run, "--precise_bn", "-1"])
     assert exit_.value.code == 2 and "--precise_bn -1" in capsys.readouterr().err
+
+
+# ---- ViT initialisation as the released runs' timm (0.4.12–0.5.x) -------------------------------------
+
+@pytest.mark.parametrize("arch, width", [("vit_tiny", 192), ("vit_small", 384)])
+def test_vit_draws_from_timm_distributions(arch, width):
+    torch.manual_seed(0)
+    net, feat_dim = build_encoder(arch, 32)
+    assert feat_dim == width
+    normal02 = lambda t: abs(t.std().item() - .02) < .1 * .02 and t.abs().max() < 2 and abs(t.mean()) < .002  # noqa: E731
+    assert normal02(net.class_token) and normal02(net.encoder.pos_embedding)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    attentions = [m for m in net.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(linears) == 12 * 3 and len(attentions) == 12                 # fc1, fc2, out_proj per block
+    for m in linears:
+        assert normal02(m.weight) and torch.all(m.bias == 0)
+    for m in attentions:
+        assert normal02(m.in_proj_weight) and torch.all(m.in_proj_bias == 0)
+    for m in net.modules():
+        if isinstance(m, nn.LayerNorm):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    # the patch embedding: PyTorch's default Conv2d draw, uniform in ±1/√fan_in (fan_in = 3·16·16)
+    bound = 1 / (3 * 16 * 16) ** 0.5
+    w, b = net.conv_proj.weight, net.conv_proj.bias
+    assert w.abs().max() <= bound and abs(w.std().item() - bound / 3 ** 0.5) < .05 * bound
+    assert b.abs().max() <= bound and b.abs().max() > bound / 2
