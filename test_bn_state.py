@@ -407,7 +407,10 @@ def test_vit_draws_from_timm_distributions(arch, width):
     torch.manual_seed(0)
     net, feat_dim = build_encoder(arch, 32)
     assert feat_dim == width
-    normal02 = lambda t: abs(t.std().item() - .02) < .1 * .02 and t.abs().max() < 2 and abs(t.mean()) < .002  # noqa: E731
+
+    def normal02(t):                                          # std .02 within 10 %, centred, inside ±2
+        return abs(t.std().item() - .02) < .1 * .02 and t.abs().max() < 2 and abs(t.mean()) < .002
+
     assert normal02(net.class_token) and normal02(net.encoder.pos_embedding)
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     attentions = [m for m in net.modules() if isinstance(m, nn.MultiheadAttention)]
