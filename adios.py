@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoders import (byol_mlp, convert_to_slot_batchnorm, simclr_projector, simsiam_predictor,
-                      simsiam_projector, slot_statistics)
+from encoders import (apply_statistics, byol_mlp, convert_to_slot_batchnorm, deferred_statistics, simclr_projector,
+                      simsiam_predictor, simsiam_projector, slot_statistics)
 
 METHODS = ("simclr", "byol", "simsiam")
 
@@ -36,8 +36,9 @@ class ADIOS(nn.Module):
         proj_output_dim, pred_hidden_dim: head widths. num_classes: the online probe (0: none).
         simsiam_*: SimSiam's optional terms, each a symmetrised pair added to the per-slot mean.
         gather_negatives: SimCLR negatives from every rank. batch_slots: the N masked views as ONE
-        batch with per-slot BatchNorm statistics (same gradients as one call per slot, faster); it
-        converts the BatchNorm layers of `encoder` IN PLACE to SlotBatchNorm (same state_dict)."""
+        batch with per-slot BatchNorm statistics (same gradients as one call per slot, faster).
+        The BatchNorm layers of `encoder` are converted IN PLACE to SlotBatchNorm (same state_dict),
+        which also lets the running statistics follow the released loop's order (README "BatchNorm state")."""
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -49,8 +50,7 @@ class ADIOS(nn.Module):
         classifier = nn.Linear(feat_dim, num_classes) if num_classes else None
         self.net = InferenceModel(encoder, projector, predictor, classifier)     # f_θ
         self.masker = masker                                                     # M_φ
-        if batch_slots:
-            convert_to_slot_batchnorm(self.net)          # in place: the caller's encoder is converted too
+        convert_to_slot_batchnorm(self.net)              # in place: the caller's encoder is converted too
         # BYOL's target network: an EMA of encoder + projector, never trained by gradients.
         self.target = InferenceModel(copy.deepcopy(self.net.encoder), copy.deepcopy(projector)).requires_grad_(False) \
             if method == "byol" else None
@@ -68,22 +68,28 @@ class ADIOS(nn.Module):
         f, M = self.player("net", trains=True), self.player("masker", trains=False)
         with torch.no_grad():                                 # stop-gradient: the masks are constants for θ
             m_a, m_b = self.masks_for(M, x_a, x_b)            # (B, N, H, W) each, or None
-        clean = self.encode_clean(f, x_a, x_b, labels)       # the clean view(s), encoded once
-        ssl = sum(self.slot_losses(f, clean, x_a, x_b, m_a, m_b))          # Σ_n L_ssl (Sec. 2)
-        ce, probe_stats = probe_loss(clean["logits"], labels)
+        with deferred_statistics(self.net, self.target):     # BatchNorm: running statistics as released
+            clean = self.encode_clean(f, x_a, x_b, labels)   # the clean views, encoded once
+            slots = self.slot_losses(f, clean, x_a, x_b, m_a, m_b)
+            self.move_running_statistics("encoder", 0 if m_b is None else len(slots))
+        ssl = sum(slots)                                      # Σ_n L_ssl (Sec. 2)
+        ce, probe_stats = probe_loss(clean["logits"], clean["labels"])   # the probe: mean over both crops
         with torch.no_grad():                                 # for the log only
             penalty = self.penalty(m_a, m_b)
         return ssl + ce, self.stats(ssl, penalty, m_a, m_b, probe_stats)
 
     def masker_loss(self, x_a, x_b):
         """M_φ's objective: −Σ_n L_ssl + α·P, through a frozen f_θ (+ α₂·H, the entropy of the slot areas,
-        in two released runs: README "Recipes"). x_a, x_b: (B, 3, H, W). Returns (loss, stats)."""
+        in two released runs: README "Recipes"). x_a, x_b: (B, 3, H, W). Returns (loss, stats). BYOL's
+        L_ssl here leaves out its term 2 − 2·cos(p_a, t_bm), constant in φ (the target is never trained)."""
         f, M = self.player("net", trains=False), self.player("masker", trains=True)
-        with frozen(self.net):                                # f_θ frozen: the gradient passes through to the masks
-            with torch.no_grad():                             # the clean view does not depend on the masks
-                clean = self.encode_clean(f, x_a, x_b)
+        with frozen(self.net), deferred_statistics(self.net, self.target):   # f_θ frozen: the gradient passes
+            with torch.no_grad():                             # through to the masks; the clean views do not
+                clean = self.encode_clean(f, x_a, x_b, step="masker")      # depend on them
             m_a, m_b = self.masks_for(M, x_a, x_b)            # (B, N, H, W) each
-            ssl = sum(self.slot_losses(f, clean, x_a, x_b, m_a, m_b))      # Σ_n L_ssl (Sec. 2)
+            slots = self.slot_losses(f, clean, x_a, x_b, m_a, m_b, step="masker")
+            self.move_running_statistics("masker", len(slots))
+            ssl = sum(slots)                                  # Σ_n L_ssl (Sec. 2)
         penalty = self.penalty(m_a, m_b)                      # P, Eq. (3) (Sec. 2.3)
         loss = -ssl + self.alpha * penalty
         if self.alpha_entropy:
@@ -114,71 +120,109 @@ class ADIOS(nn.Module):
         m_a, m_b = masker(torch.cat([x_a, x_b])).chunk(2)    # (2B, N, H, W) → 2 × (B, N, H, W)
         return m_a, m_b
 
-    def encode_clean(self, net, x_a, x_b, labels=None):
+    def encode_clean(self, net, x_a, x_b, labels=None, step="encoder"):
         """What does not depend on the masks, encoded once per step (the released code: once per slot).
 
-        Returns a dict of the clean views' outputs the slot losses need, and the probe's logits.
+        Returns a dict of the clean views' outputs the slot losses need (names: encode_masked), and the
+        online probe's logits on both crops with their labels (2B rows; None without a probe). SimSiam,
+        and every method at N = 0, needs both views' projections: one stacked call. SimCLR and BYOL need
+        view a's; view b goes through the backbone for the probe alone in the encoder step, as released.
         """
-        a = net(x_a, classify=labels is not None and self.classifier is not None)
-        clean = {"z_a": a.z, "p_a": a.p, "logits": a.logits}
+        classify = step == "encoder" and labels is not None and self.classifier is not None
+        clean = {"logits": None, "labels": labels.repeat(2) if classify else None}
+        if self.method == "simsiam" or self.masker is None:
+            a, b = self.run_views(net, [x_a, x_b], ["a", "b"], classify=classify)
+            clean.update(z_b=b.z, p_b=b.p)
+        else:
+            (a,) = self.run_views(net, [x_a], ["a"], classify=classify)
+            b = self.run_views(net, [x_b], ["b"], probe_only=True)[0] if step == "encoder" else None
+        clean.update(z_a=a.z, p_a=a.p)
+        if classify:
+            clean["logits"] = torch.cat([a.logits, b.logits])                # (2B, classes)
+        if self.method == "simclr":                           # the clean side of NT-Xent, gathered once per step
+            clean["z_a_all"] = normalised_and_gathered(a.z, self.gather_negatives)
         if self.method == "byol":
             with torch.no_grad():                             # target branch: no gradient, ever
-                clean["t_a"] = self.target(x_a).z
-        if self.method == "simsiam":
-            b = net(x_b)
-            clean["z_b"], clean["p_b"] = b.z, b.p
+                views, names = ([x_a, x_b], ["a", "b"]) if step == "encoder" else ([x_a], ["a"])
+                t = self.run_views(self.target, views, names)
+            clean.update(t_a=t[0].z, t_b=t[-1].z if step == "encoder" else None)
         return clean
 
-    def slot_losses(self, net, clean, x_a, x_b, m_a, m_b):
+    def slot_losses(self, net, clean, x_a, x_b, m_a, m_b, step="encoder"):
         """L_ssl of every slot n: the terms of Σ_n (ADIOS-s: one term, a random slot per image; SimSiam
         hides that same slot index in both views, as the released ADIOS-s SimSiam run does)."""
         pick = random_slots(m_b) if self.single_mask and m_b is not None else None    # (B,) or None
         hides_b = slots_to_hide(m_b, self.single_mask, pick)
         hides_a = slots_to_hide(m_a, self.single_mask, pick) if m_a is not None else [None] * len(hides_b)
-        return [self.slot_loss(clean, masked) for masked in self.encode_masked(net, x_a, x_b, hides_a, hides_b)]
+        masked = self.encode_masked(net, x_a, x_b, hides_a, hides_b, step)
+        return [self.slot_loss(clean, m) for m in masked]
 
-    def encode_masked(self, net, x_a, x_b, hides_a, hides_b):
-        """Outputs of every slot's masked view(s): a list with one dict per slot.
+    def encode_masked(self, net, x_a, x_b, hides_a, hides_b, step="encoder"):
+        """Outputs of every slot's masked view(s): a list with one dict per slot ([{}] without masks).
 
         Names: a view is `a` or `b`, its masked form `am` or `bm`; `z` a projection, `p` a prediction,
-        `t` the BYOL target's projection. SimCLR/BYOL mask view b (z_bm; BYOL p_bm and t_bm); SimSiam
-        both views (z_am, p_am, z_bm, p_bm). With batch_slots the masked images of all slots go through
-        f_θ as one batch whose BatchNorm layers normalise each slot with its own statistics
-        (SlotBatchNorm), which is the per-slot loop's arithmetic in one call; without, one call per slot.
+        `t` the BYOL target's projection. SimCLR/BYOL mask view b (z_bm; BYOL p_bm, and t_bm in the
+        encoder step only: in the masker step its term is constant in φ); SimSiam both views (z_am, p_am,
+        z_bm, p_bm). With batch_slots the masked images of all slots go through f_θ as one batch whose
+        BatchNorm layers normalise each slot with its own statistics (SlotBatchNorm), which is the
+        per-slot loop's arithmetic in one call; without, one call per slot.
         """
-        views = [occlude(x_b, h) for h in hides_b]
-        if self.method == "simsiam":
-            if hides_a[0] is None:                            # no masks: the "masked" views are the clean ones
-                return [{}]
-            views += [occlude(x_a, h) for h in hides_a]
-        outs = self.run_views(net, views)                     # one Outputs per view
+        if hides_b[0] is None:                                # no masks: the "masked" views are the clean ones
+            return [{}]
         num_slots = len(hides_b)                              # slots in the loss: N, or 1 with ADIOS-s
+        views, names = [occlude(x_b, h) for h in hides_b], [f"bm{n}" for n in range(num_slots)]
+        if self.method == "simsiam":
+            views += [occlude(x_a, h) for h in hides_a]
+            names += [f"am{n}" for n in range(num_slots)]
+        outs = self.run_views(net, views, names)              # one Outputs per view
         if self.method == "simclr":
             return [dict(z_bm=o.z) for o in outs]
         if self.method == "byol":
+            if step != "encoder":
+                return [dict(p_bm=o.p) for o in outs]
             with torch.no_grad():                             # target branch: no gradient, ever
-                targets = self.run_views(self.target, views)
+                targets = self.run_views(self.target, views, names)
             return [dict(p_bm=o.p, t_bm=t.z) for o, t in zip(outs, targets)]
         return [dict(z_bm=b.z, p_bm=b.p, z_am=a.z, p_am=a.p)
                 for b, a in zip(outs[:num_slots], outs[num_slots:])]
 
-    def run_views(self, net, views):
-        """net on each (B, 3, H, W) view: one call per view, or one call on all of them stacked."""
+    def run_views(self, net, views, names, classify=False, probe_only=False):
+        """net on each (B, 3, H, W) view, named for the BatchNorm statistics (`a`, `b`, `bm0`, ...): one
+        call per view, or one call on all of them stacked. Returns one Outputs per view."""
+        module = getattr(net, "module", net)                  # the module inside a DDP wrapper
         if not self.batch_slots or len(views) == 1:
-            return [net(v) for v in views]
+            outs = []
+            for view, name in zip(views, names):
+                with slot_statistics(module, [name]):
+                    outs.append(net(view, classify=classify, probe_only=probe_only))
+            return outs
         num_views = len(views)                                # N (2N for SimSiam; 1 or 2 with ADIOS-s)
-        with slot_statistics(getattr(net, "module", net), num_views):      # the module inside a DDP wrapper
-            out = net(torch.cat(views))                       # (num_views·B, 3, H, W) → Outputs of num_views·B rows
+        with slot_statistics(module, names):
+            out = net(torch.cat(views), classify=classify, probe_only=probe_only)   # Outputs of num_views·B rows
         parts = [t.chunk(num_views) if t is not None else [None] * num_views for t in out]
         return [Outputs(*fields) for fields in zip(*parts)]
 
+    def move_running_statistics(self, step, num_slots):
+        """Blend the BatchNorm statistics this step filed into the running averages in the order, and as
+        many times, as the released loop's forward passes would (released_order; README "BatchNorm state")."""
+        order = lambda part: released_order(self.method, num_slots, step, part, self.has_masker_step)  # noqa: E731
+        apply_statistics([self.net.encoder], order("encoder"))
+        apply_statistics([m for m in (self.net.projector, self.net.predictor) if m is not None], order("heads"))
+        if self.target is not None and step == "encoder":     # the target's whole iteration (released_order)
+            apply_statistics([self.target.encoder], order("target_encoder"))
+            apply_statistics([self.target.projector], order("target_heads"))
+
     def slot_loss(self, clean, masked):
         """L_ssl for one slot, from the clean outputs and that slot's masked outputs (names: encode_masked)."""
-        if self.method == "simclr":
-            return simclr_loss(clean["z_a"], masked["z_bm"], self.temperature, self.gather_negatives)
+        c = clean
+        if self.method == "simclr":                           # N = 0: view b itself is the "masked" view
+            return simclr_loss(c["z_a"], masked.get("z_bm", c.get("z_b")), self.temperature, self.gather_negatives,
+                               z1_all=c["z_a_all"])
         if self.method == "byol":                             # the masked view through both branches
-            return byol_loss(clean["p_a"], masked["t_bm"]) + byol_loss(masked["p_bm"], clean["t_a"])
-        c, use = clean, self.simsiam_terms
+            p_bm, t_bm = (masked["p_bm"], masked.get("t_bm")) if masked else (c["p_b"], c["t_b"])
+            loss = byol_loss(p_bm, c["t_a"])
+            return loss if t_bm is None else loss + byol_loss(c["p_a"], t_bm)   # None: the masker step
+        use = self.simsiam_terms
         z_a, p_a, z_b, p_b = c["z_a"], c["p_a"], c["z_b"], c["p_b"]
         z_am, p_am = masked.get("z_am", z_a), masked.get("p_am", p_a)     # N = 0: no masks, the clean views
         z_bm, p_bm = masked.get("z_bm", z_b), masked.get("p_bm", p_b)
@@ -254,6 +298,11 @@ class ADIOS(nn.Module):
             for t in self.target.state_dict().values():
                 dist.broadcast(t, 0)
 
+    @property
+    def has_masker_step(self):
+        """Whether M_φ learns (train.py then runs masker_loss after every encoder_loss)."""
+        return self.masker is not None and any(p.requires_grad for p in self.masker.parameters())
+
     # The names users and checkpoints rely on.
     encoder = property(lambda self: self.net.encoder)
     projector = property(lambda self: self.net.projector)
@@ -276,7 +325,11 @@ class InferenceModel(nn.Module):
         super().__init__()
         self.encoder, self.projector, self.predictor, self.classifier = encoder, projector, predictor, classifier
 
-    def forward(self, x, classify=False):
+    def forward(self, x, classify=False, probe_only=False):
+        if probe_only:            # the probe's pass of a crop: the backbone without a graph (only the probe reads h)
+            with torch.no_grad():
+                h = self.encoder(x)                           # (B, feat_dim)
+            return Outputs(h, None, None, self.classifier(h) if self.classifier is not None else None)
         h = self.encoder(x)                                   # (B, feat_dim)
         z = self.projector(h)                                 # (B, out)
         p = self.predictor(z) if self.predictor is not None else None
@@ -294,6 +347,39 @@ def heads(method, feat_dim, proj_hidden_dim, proj_output_dim, pred_hidden_dim):
                 byol_mlp(proj_output_dim, pred_hidden_dim or proj_hidden_dim, proj_output_dim))
     return (simsiam_projector(feat_dim, proj_hidden_dim, proj_output_dim),
             simsiam_predictor(proj_output_dim, pred_hidden_dim or 512))
+
+
+# ---- the released loop's BatchNorm sequence ------------------------------------------------------
+
+def released_order(method, num_slots, step, part, masker_step=True):
+    """The batches one BatchNorm layer of `part` sees, in order, in one step of the released loop.
+
+    Every train-mode forward pass moves a layer's running mean and variance one momentum step, so their
+    order and number is part of the state a checkpoint holds. The released training_step runs, encoder
+    in train mode, for each slot n the clean view(s) then the masked one(s): a, bm_n (SimCLR, BYOL) or
+    a, b, am_n, bm_n (SimSiam); then, in the encoder step only, the online probe's pass of the backbone
+    (only) over both crops, a and b; the masker step repeats the slot loop. BYOL's target runs the same
+    slot loop in both steps, and the probe's a, b through its backbone. num_slots: N, 1 for ADIOS-s,
+    0 for the plain base method, whose networks each see a, b once. part: "encoder" or "heads"
+    (projector, predictor) of f_θ, or "target_encoder" / "target_heads". Returns a list of names.
+
+    BYOL's target: its weights change only after the iteration and the masks are the same in both
+    steps, so the encoder step moves its statistics for the whole iteration (masker_step: whether one
+    follows), and the masker step encodes no masked view through it (ADIOS-s draws its slot again in
+    the masker step: there the encoder step's draw stands in; README "BatchNorm state").
+    """
+    if num_slots == 0:
+        return ["a", "b"]
+    target = part.startswith("target")
+    clean = ["a", "b"] if method == "simsiam" and not target else ["a"]
+    masked = lambda n: [f"am{n}", f"bm{n}"] if method == "simsiam" and not target else [f"bm{n}"]  # noqa: E731
+    slot_loop = [name for n in range(num_slots) for name in clean + masked(n)]
+    probe = ["a", "b"] if part.endswith("encoder") else []
+    if not target:
+        return slot_loop + probe if step == "encoder" else slot_loop
+    if step != "encoder":
+        return []
+    return slot_loop + probe + (slot_loop if masker_step else [])
 
 
 # ---- masks ---------------------------------------------------------------------------------------
@@ -371,19 +457,21 @@ def frozen(module):
 
 # ---- the base methods' losses (Sec. 4 of the paper uses SimCLR, BYOL and SimSiam) ------------------
 
-def simclr_loss(z1, z2, temperature=0.2, gather=True):
+def simclr_loss(z1, z2, temperature=0.2, gather=True, z1_all=None):
     """NT-Xent (SimCLR, Chen et al. 2020, Eq. 1): mean over the 2B anchors of this rank.
 
     z1, z2: (B, D) embeddings of two views; row i of z1 and row i of z2 are the positive pair.
     gather=True (the default) uses every rank's embeddings as negatives through GatherWithGrad, so
     K processes with batch B each compute the loss of one process with batch K·B (the released code
-    used the local batch only); with one process it changes nothing.
+    used the local batch only); with one process it changes nothing. z1_all: normalised_and_gathered(z1,
+    gather), when several calls share z1 (ADIOS's slots): one gather, and one all-reduce in backward.
     """
     dtype = torch.promote_types(z1.dtype, torch.float32)     # logits in at least float32
     z1, z2 = F.normalize(z1.to(dtype), dim=1), F.normalize(z2.to(dtype), dim=1)
     B = z1.shape[0]
     rank, world = distributed_world() if gather else (0, 1)
-    all1, all2 = (GatherWithGrad.apply(z1), GatherWithGrad.apply(z2)) if world > 1 else (z1, z2)
+    all1 = z1_all if z1_all is not None else normalised_and_gathered(z1, gather)        # (WB, D)
+    all2 = GatherWithGrad.apply(z2) if world > 1 else z2
     anchors = torch.cat([z1, z2])                             # (2B, D)
     candidates = torch.cat([all1, all2])                      # (2WB, D)
     logits = anchors @ candidates.T / temperature             # (2B, 2WB)
@@ -393,6 +481,13 @@ def simclr_loss(z1, z2, temperature=0.2, gather=True):
     is_self = F.one_hot(self_idx, logits.shape[1]).bool()
     logits = logits.masked_fill(is_self, float("-inf"))       # an embedding is not its own negative
     return F.cross_entropy(logits, pos_idx)
+
+
+def normalised_and_gathered(z, gather=True):
+    """z (B, D) L2-normalised in at least float32, as NT-Xent's candidates: every rank's rows (W·B, D)
+    through GatherWithGrad with several processes and gather=True, else this rank's (B, D)."""
+    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
+    return GatherWithGrad.apply(z) if gather and distributed_world()[1] > 1 else z
 
 
 def byol_loss(p, z):

@@ -88,24 +88,26 @@ def get_args_parser():
 
 # ---- the released schedule (README: "Performance") ------------------------------------------------
 # The released code re-encodes the clean view once per slot in both steps, though one pass gives
-# identical gradients, and encodes the N masked views in N separate calls. Same losses as adios.py.
+# identical gradients, and encodes the N masked views in N separate calls; the online probe then encodes
+# both crops again. Same losses as adios.py; the same forward passes in the same order as released, so the
+# BatchNorm statistics move as the released loop's (README "BatchNorm state").
 
-def released_slot_loss(model, x_a, x_b, hide_a, hide_b, classify=False):
+def released_slot_loss(model, x_a, x_b, hide_a, hide_b):
     """L_ssl of one slot as the released code computes it, the clean view(s) encoded again.
 
-    hide_a, hide_b: (B, 1, H, W) this slot's masks (hide_a: SimSiam only). Returns (loss, the probe's
-    logits on the clean view a when classify, else None).
+    hide_a, hide_b: (B, 1, H, W) this slot's masks (hide_a: SimSiam only). Every call is a train-mode
+    forward pass in the released order, so BatchNorm's running statistics move as the released loop's.
     """
     net = model.net
-    _, z_a, p_a, logits = net(x_a, classify=classify)        # the clean view, again for this slot
+    _, z_a, p_a, _ = net(x_a)                                 # the clean view, again for this slot
     x_bm = occlude(x_b, hide_b)
     if model.method == "simclr":
-        return simclr_loss(z_a, net(x_bm).z, model.temperature, model.gather_negatives), logits
+        return simclr_loss(z_a, net(x_bm).z, model.temperature, model.gather_negatives)
     if model.method == "byol":
         p_bm = net(x_bm).p
         with torch.no_grad():                                 # target branch: no gradient, ever
             t_a, t_bm = model.target(x_a).z, model.target(x_bm).z
-        return byol_loss(p_a, t_bm) + byol_loss(p_bm, t_a), logits
+        return byol_loss(p_a, t_bm) + byol_loss(p_bm, t_a)
     _, z_b, p_b, _ = net(x_b)                                 # SimSiam: both clean views, again
     _, z_am, p_am, _ = net(occlude(x_a, hide_a))
     _, z_bm, p_bm, _ = net(x_bm)
@@ -117,7 +119,7 @@ def released_slot_loss(model, x_a, x_b, hide_a, hide_b, classify=False):
         terms.append(symmetric_simsiam(p_a, z_b, p_b, z_a))
     if use["both_masked"]:
         terms.append(symmetric_simsiam(p_am, z_bm, p_bm, z_am))
-    return sum(terms) / len(terms), logits
+    return sum(terms) / len(terms)
 
 
 def released_masks(model, x_a, x_b):
@@ -125,19 +127,28 @@ def released_masks(model, x_a, x_b):
     return (model.masker(x_a) if model.method == "simsiam" else None), model.masker(x_b)
 
 
+def released_probe_loss(model, x_a, x_b, labels):
+    """The online probe's own pass (the released base training_step): the backbone on each crop, the probe on
+    the detached features, the mean of the two crops' CE; BYOL's target backbone encodes both crops too."""
+    feats = [model.net.encoder(x) for x in (x_a, x_b)]       # 2 × (B, feat_dim)
+    if model.method == "byol":
+        with torch.no_grad():
+            model.target.encoder(x_a), model.target.encoder(x_b)   # unused but for BatchNorm's statistics
+    if labels is None or model.classifier is None:
+        return 0
+    logits = torch.cat([model.classifier(h.detach()) for h in feats])    # (2B, classes)
+    return probe_loss(logits, labels.repeat(2))[0]
+
+
 def released_encoder_loss(model, x_a, x_b, labels=None):
-    """Σ_n L_ssl, one slot at a time, plus the online probe's CE on the first slot's clean pass."""
+    """Σ_n L_ssl, one slot at a time, plus the online probe's CE on both crops (its own pass)."""
     with torch.no_grad():                                     # the masks are constants for θ
         m_a, m_b = released_masks(model, x_a, x_b)
     loss = 0
     for n in range(m_b.shape[1]):
         hide_a = m_a[:, n:n + 1] if m_a is not None else None  # (B, 1, H, W)
-        slot, logits = released_slot_loss(model, x_a, x_b, hide_a, m_b[:, n:n + 1],
-                                          classify=n == 0 and labels is not None and model.classifier is not None)
-        loss = loss + slot
-        if logits is not None:
-            loss = loss + probe_loss(logits, labels)[0]
-    return loss
+        loss = loss + released_slot_loss(model, x_a, x_b, hide_a, m_b[:, n:n + 1])
+    return loss + released_probe_loss(model, x_a, x_b, labels)
 
 
 def released_masker_loss(model, x_a, x_b):
@@ -145,7 +156,7 @@ def released_masker_loss(model, x_a, x_b):
     with frozen(model.net):                                   # gradient reaches the masks only
         m_a, m_b = released_masks(model, x_a, x_b)
         ssl = sum(released_slot_loss(model, x_a, x_b, m_a[:, n:n + 1] if m_a is not None else None,
-                                     m_b[:, n:n + 1])[0] for n in range(m_b.shape[1]))
+                                     m_b[:, n:n + 1]) for n in range(m_b.shape[1]))
     penalty = sparsity_penalty(m_b) + (sparsity_penalty(m_a) if m_a is not None else 0)   # Eq. (3), Sec. 2.3
     return -ssl + model.alpha * penalty
 

@@ -11,6 +11,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small")
 STEMS = ("auto", "standard", "small")
@@ -24,7 +25,8 @@ def build_encoder(arch, img_size, stem="auto"):
     from 64 px up and uses the CIFAR stem (3×3 stride-1 conv, no max-pool) below (README: "Recipes");
     "standard"/"small" force one. The small stem costs ~15× more at 32 px: on a CPU at 32 px the
     standard stem is the affordable one.
-    ViTs are torchvision's VisionTransformer (patch 16) returning the CLS token's features.
+    ViTs are torchvision's VisionTransformer (patch 16) returning the CLS token's features, with the
+    initialisation of the released runs' timm ViT (timm_vit_init).
     """
     if arch in ("resnet18", "resnet50"):
         if stem not in STEMS:
@@ -46,8 +48,34 @@ def build_encoder(arch, img_size, stem="auto"):
             image_size=img_size, patch_size=16, num_layers=12, num_heads=heads,
             hidden_dim=width, mlp_dim=4 * width)
         net.heads = nn.Identity()                             # forward returns the CLS token (B, width)
-        return net, width
+        return timm_vit_init(net), width
     raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+
+
+def timm_vit_init(net):
+    """Initialise a torchvision VisionTransformer as timm 0.4.12–0.5.x initialises its VisionTransformer
+    (weight_init ''), the version the released runs were built with: class token and position embedding
+    trunc_normal(std .02); every Linear, and the fused q/k/v projection (timm's `qkv` Linear), trunc_normal(std
+    .02) with zero bias; LayerNorm weight 1, bias 0; the patch embedding keeps PyTorch's default Conv2d init
+    (timm's note: "conv was left to pytorch default"). timm's trunc_normal_ cuts at ±2 absolute (100 std),
+    as torch.nn.init.trunc_normal_ does. Returns net, initialised in place."""
+    trunc = lambda t: nn.init.trunc_normal_(t, std=.02, a=-2.0, b=2.0)      # noqa: E731
+    with torch.no_grad():
+        trunc(net.class_token)                                # (1, 1, D)
+        trunc(net.encoder.pos_embedding)                      # (1, 1 + patches, D)
+        net.conv_proj.reset_parameters()                      # PyTorch's default: kaiming-uniform, uniform bias
+        for m in net.modules():
+            if isinstance(m, nn.Linear):                      # MLPs, attention output projections
+                trunc(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.MultiheadAttention):        # q, k, v in one (3D, D) weight, as timm's qkv
+                trunc(m.in_proj_weight)
+                nn.init.zeros_(m.in_proj_bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    return net
 
 
 def simclr_projector(in_dim, hidden_dim=2048, out_dim=256):
@@ -84,15 +112,60 @@ class SlotBatchNormMixin:
     The paper's loop encodes each masked view separately, so BatchNorm sees per-slot statistics;
     stacking the slots into one batch lets every other layer run once on S·B images, while
     BatchNorm still runs once per slot (in order, so the running averages match the loop's too).
-    With slots == 1, or in eval mode, this is the plain BatchNorm. State-dict keys are BatchNorm's.
+    Inside `deferred_statistics` the running buffers stay put and each part's statistics are filed
+    under its name (`slot_statistics(module, names)`), for `apply_statistics` to blend in later in
+    any order and number. With slots == 1, or in eval mode, this is the plain BatchNorm.
+    State-dict keys are BatchNorm's.
     """
     slots = 1
+    names = None      # one name per part, set by slot_statistics
+    batches = None    # {name: (mean, unbiased variance)} while statistics are deferred
 
     def forward(self, x):                                     # x: (S·B, C, ...)
-        if self.slots == 1 or not self.training:
+        deferred = self.batches is not None and self.training and self.track_running_stats
+        if not deferred and (self.slots == 1 or not self.training):
             return super().forward(x)
-        batch_norm = super().forward
-        return torch.cat([batch_norm(part) for part in x.chunk(self.slots)])   # slot by slot, in order
+        parts = x.chunk(self.slots) if self.slots > 1 else [x]
+        if not deferred:
+            return torch.cat([super(SlotBatchNormMixin, self).forward(p) for p in parts])   # slot by slot, in order
+        outs, stats = zip(*[self.normalise_keeping_statistics(p) for p in parts])
+        self.file_statistics(list(stats))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def normalise_keeping_statistics(self, x):
+        """Train-mode BatchNorm of x with the running buffers left alone. Returns (output, (x's batch
+        mean, its unbiased variance)): what the running averages would have taken in."""
+        stats = torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)
+        # momentum 1: the two zero buffers become exactly the batch's mean and unbiased variance
+        return F.batch_norm(x, *stats, self.weight, self.bias, True, 1.0, self.eps), stats
+
+    def file_statistics(self, stats):
+        """stats: per part, (mean (C,), unbiased variance (C,)); filed under self.names in order."""
+        names = self.names if self.names is not None else [None] * len(stats)
+        if None in names or len(names) != len(stats):
+            raise RuntimeError("deferred BatchNorm statistics need one name per part: call the module "
+                               "inside slot_statistics(module, names)")
+        self.batches.update(zip(names, stats))
+
+    @torch.no_grad()
+    def blend(self, stats):
+        """Move the running mean and variance as len(stats) train-mode calls would, call i taking in
+        stats[i] = (mean, unbiased variance): r ← (1 − f_i)·r + f_i·s_i, f_i the momentum (None: 1/calls
+        so far, the cumulative average). Done in closed form, r_K = Π(1 − f_i)·r_0 + Σ_i w_i·s_i, the
+        weights of one batch seen several times added up: one update per distinct batch."""
+        keep, weights, first = 1.0, {}, int(self.num_batches_tracked) if self.momentum is None else 0
+        for i in reversed(range(len(stats))):                 # w_i = f_i · Π_{l > i} (1 − f_l)
+            f = self.momentum if self.momentum is not None else 1.0 / (first + i + 1)
+            mean, var = stats[i]
+            key = (id(mean), id(var))
+            weights[key] = (mean, var, weights.get(key, (None, None, 0.0))[2] + f * keep)
+            keep *= 1 - f
+        self.running_mean.mul_(keep)
+        self.running_var.mul_(keep)
+        for mean, var, w in weights.values():
+            self.running_mean.add_(mean.to(self.running_mean.dtype), alpha=w)
+            self.running_var.add_(var.to(self.running_var.dtype), alpha=w)
+        self.num_batches_tracked.add_(len(stats))
 
 
 class SlotBatchNorm1d(SlotBatchNormMixin, nn.BatchNorm1d):
@@ -182,14 +255,14 @@ class SlotSyncBatchNorm(SlotBatchNormMixin, nn.modules.batchnorm._BatchNorm):
 
     @torch.no_grad()
     def update_running_stats(self, mean, var, count):
-        """As S train-mode BatchNorm calls, one slot after another: the unbiased variance, momentum
-        (None: the cumulative average), num_batches_tracked + 1 per slot."""
+        """As S train-mode BatchNorm calls, one slot after another (or filed, when deferred): the unbiased
+        variance, momentum (None: the cumulative average), num_batches_tracked + 1 per slot."""
         unbiased = var * count / (count - 1)                  # (S, C)
-        for slot_mean, slot_var in zip(mean, unbiased):
-            self.num_batches_tracked.add_(1)
-            f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - f).add_(slot_mean.to(self.running_mean.dtype), alpha=f)
-            self.running_var.mul_(1 - f).add_(slot_var.to(self.running_var.dtype), alpha=f)
+        stats = [(m.to(self.running_mean.dtype), v.to(self.running_var.dtype)) for m, v in zip(mean, unbiased)]
+        if self.batches is not None:                          # deferred: filed under the parts' names
+            self.file_statistics(stats)
+        else:
+            self.blend(stats)
 
     def normalise(self, x, mean, var):
         """y = (x − μ_s) / √(σ_s² + ε) · γ + β on slot s, computed as x · a_s + b_s as BatchNorm's CPU kernel
@@ -224,12 +297,42 @@ def convert_to_slot_batchnorm(module, sync=False):
 
 @contextlib.contextmanager
 def slot_statistics(module, slots):
-    """Inside the block, every SlotBatchNorm in module treats its batch as `slots` parts."""
+    """Inside the block, every SlotBatchNorm in module treats its batch as `slots` parts: a count, or
+    a list of names, one per part (needed inside deferred_statistics, which files statistics by name)."""
+    names = list(slots) if not isinstance(slots, int) else None
     layers = [m for m in module.modules() if isinstance(m, SlotBatchNormMixin)]
     for m in layers:
-        m.slots = slots
+        m.slots, m.names = (len(names), names) if names is not None else (slots, None)
     try:
         yield
     finally:
         for m in layers:
-            m.slots = 1
+            m.slots, m.names = 1, None
+
+
+@contextlib.contextmanager
+def deferred_statistics(*modules):
+    """Inside the block, the train-mode SlotBatchNorm layers of modules (None: skipped) normalise as
+    usual but leave their running buffers alone, filing each named batch's statistics instead; call
+    apply_statistics inside the block to blend them in. Outside, everything is as before."""
+    layers = [m for module in modules if module is not None for m in module.modules()
+              if isinstance(m, SlotBatchNormMixin)]
+    for m in layers:
+        m.batches = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.batches = None
+
+
+def apply_statistics(modules, order):
+    """Blend the filed statistics into the running buffers of every train-mode SlotBatchNorm in modules,
+    as len(order) train-mode calls on the batches named by order, in that order, would."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, SlotBatchNormMixin) and m.training and m.track_running_stats:
+                missing = [n for n in order if n not in m.batches]
+                if missing:
+                    raise RuntimeError(f"no statistics filed for batch(es) {missing} in {type(m).__name__}")
+                m.blend([m.batches[n] for n in order])

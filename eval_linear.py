@@ -85,6 +85,10 @@ def get_args_parser():
                    help="a non-affine BatchNorm before the Linear (MAE's linear probing; still a linear "
                         "classifier). The cached-feature probe standardises its features anyway")
     p.add_argument("--knn", action="store_true", help=f"also the weighted kNN (k={KNN_K}, T={KNN_T})")
+    p.add_argument("--precise_bn", type=int, default=0, metavar="BATCHES",
+                   help="first recompute the encoder's BatchNorm statistics as the cumulative average over "
+                        "BATCHES batches (--batch_size) of clean training images (0, the default: keep the "
+                        "checkpoint's running averages)")
     p.add_argument("--mask_images", type=int, default=256,
                    help="shapes test images for the mask quality of a learned masker (0: skip)")
     # system
@@ -157,6 +161,31 @@ def extract_features(encoder, dataset, batch_size, workers, device, desc):
             feats.append(encoder(x.to(device, non_blocking=True)).float())    # (b, D)
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels).to(device)
+
+
+@torch.no_grad()
+def precise_batchnorm(encoder, dataset, batches, batch_size, workers, device, seed=0):
+    """Replace every BatchNorm layer's running mean and variance in encoder by the cumulative average (equal
+    weights: momentum None) of the batch statistics of `batches` shuffled batches of dataset's clean images,
+    from a reset; the training's running averages mix masked views and old weights. The encoder's weights
+    are untouched and it is left in eval mode. Returns the number of images seen."""
+    layers = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+    encoder.train()                                           # batch statistics, folded into the running ones
+    seen = 0
+    for _, (x, _) in zip(range(batches), loader):
+        with fp16(device):
+            encoder(x.to(device, non_blocking=True))          # (b, 3, H, W) → features, unused
+        seen += len(x)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    encoder.eval()
+    return seen
 
 
 def cached_batches(feats, labels, batch_size, generator):
@@ -389,7 +418,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     command = " ".join(sys.argv if argv is None else ["eval_linear.py", *argv])
 
-    if problem := eval_args_problem(args):                   # checks before any work
+    if problem := eval_args_problem(args) or cli_checks.below_minimum(args, dict(precise_bn=0)):   # before any work
         fail(problem)
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
     torch.manual_seed(args.seed)
@@ -436,6 +465,10 @@ def main(argv=None):
           f"protocol {protocol} ({how}), {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, device {device}")
     for path, dataset in extra_tests.items():
         print(f"  also testing on {path}: {len(dataset)} images")
+
+    if args.precise_bn:                                       # README "BatchNorm state"
+        seen = precise_batchnorm(encoder, train_ds, args.precise_bn, args.batch_size, args.workers, device, args.seed)
+        print(f"precise BatchNorm: running statistics recomputed over {seen} clean training images")
 
     # ---- features (train features are needed by the cached probe and by kNN) ----
     test_feats, test_labels = extract_features(encoder, test_ds, 256, args.workers, device, "test features")
@@ -488,7 +521,8 @@ def main(argv=None):
                    test_images=len(test_ds), epochs=args.epochs, bn_head=args.bn_head, **main_scores,
                    knn_k=KNN_K, knn_t=KNN_T,
                    probe_losses=[round(v, 4) for v in head.epoch_losses] if head is not None else None,
-                   test_dirs=test_dirs, mask_quality=quality, command=command, checkpoint=args.ckpt,
+                   test_dirs=test_dirs, mask_quality=quality, precise_bn=args.precise_bn, command=command,
+                   checkpoint=args.ckpt,
                    epoch=ckpt.get("epoch") if ckpt is not None else None)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
