@@ -70,7 +70,7 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
     avg = Averager()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=rank != 0, leave=False)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format     # the model's (run_setup)
-    checked = step
+    checked, means = step, {}
     for (x_a, x_b), labels in loader:
         if step >= schedules["last_step"]:
             break
@@ -90,21 +90,22 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
         bar.update()
         if step % args.log_every == 0 or (world == 1 and stop["signal"] is not None):
             checked = step
-            if check(avg, bar, stop, step, epoch, device):   # a signal, here or on another rank
+            means, stopping = check(avg, bar, stop, step, epoch, device)
+            if stopping:                     # a signal, here or on another rank
                 break
     if checked != step:                      # the epoch's end or --max_steps: checked before any save
-        check(avg, bar, stop, step, epoch, device)
+        means, _ = check(avg, bar, stop, step, epoch, device)
     bar.close()
     lrs = dict(lr=opt_enc.param_groups[0]["lr"], mask_lr=opt_mask.param_groups[0]["lr"] if opt_mask else 0.0)
-    return {**avg.means(), **lrs}, step
+    return {**means, **lrs}, step
 
 
 def check(avg, bar, stop, step, epoch, device):
-    """The host reads the stats (one copy), shows the loss, exits on a non-finite one, and says whether
-    to stop (checkpoint.must_stop)."""
+    """The host reads the stats (one copy) and shows the loss; exits on a non-finite one (nothing
+    saved). Returns (the epoch's means so far, whether to stop: checkpoint.must_stop)."""
     means, first_bad = avg.read()
     bar.set_postfix(loss=f"{means.get('enc_ssl_loss', float('nan')):.3f}", refresh=False)
-    return must_stop(first_bad, stop, step, epoch, device)
+    return means, must_stop(first_bad, stop, step, epoch, device)
 
 
 # ---- main ---------------------------------------------------------------------------------------
