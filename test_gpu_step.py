@@ -104,7 +104,7 @@ def test_the_stats_stay_on_the_device():
 
 def test_a_nan_between_checks_stops_the_run_before_any_save(capsys, tmp_path, monkeypatch):
     # The encoder loss turns NaN at step 2; the one check of this run comes at --max_steps 3 (log_every
-    # 20): it must name the term and the step, and exit before end_of_epoch writes anything.
+    # 20, as on CUDA): it must name the term and the step, and exit before end_of_epoch writes anything.
     real, calls = adios.ADIOS.encoder_loss, []
 
     def poisoned(self, *args, **kwargs):
@@ -115,7 +115,7 @@ def test_a_nan_between_checks_stops_the_run_before_any_save(capsys, tmp_path, mo
     monkeypatch.setattr(adios.ADIOS, "encoder_loss", poisoned)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        train.main([*TINY, "--output_dir", str(out), "--max_steps", "3"])
+        train.main([*TINY, "--output_dir", str(out), "--max_steps", "3", "--log_every", "20"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "non-finite encoder loss at step 2 (epoch 0)" in err, err
     assert len(calls) == 3                                   # it ran on to the check, and no further
@@ -134,7 +134,7 @@ def test_a_stop_signal_between_checks_still_saves(capsys, tmp_path, monkeypatch)
         return real(*args)
     monkeypatch.setattr(train, "adios_step", signalled)
     out = tmp_path / "out"
-    log = train.main([*TINY, "--output_dir", str(out), "--epochs", "2"])
+    log = train.main([*TINY, "--output_dir", str(out), "--epochs", "2", "--log_every", "20"])
     assert "stopped by signal" in capsys.readouterr().out
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert (log["step"], ckpt["step"], ckpt["epoch"], len(calls)) == (2, 2, 0, 2)
@@ -240,3 +240,11 @@ def test_sync_batchnorm_keeps_bf16_activations_in_bf16(synchronised):
     torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2e-2, atol=2e-2)
     for k in got[2]:
         torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_checks_default_to_every_20_steps_on_cuda_and_every_step_on_the_cpu():
+    args = train.get_args_parser().parse_args([])
+    assert args.log_every is None
+    assert train.check_every(args, torch.device("cuda")) == 20 and train.check_every(args, torch.device("cpu")) == 1
+    args.log_every = 5
+    assert train.check_every(args, torch.device("cuda")) == train.check_every(args, torch.device("cpu")) == 5

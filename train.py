@@ -62,9 +62,9 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
     Returns (the epoch's mean stats and learning rates, the global step reached).
 
     The stats stay on the device (monitor.Averager); the host reads them, checks them for NaN and
-    infinity and agrees with the other ranks whether to stop only every --log_every steps and at the
-    epoch's end, so the CPU can queue the next steps' kernels meanwhile. One process stops on a signal
-    after the current step (no agreement needed); several after the next check."""
+    infinity and agrees with the other ranks whether to stop only every --log_every steps (check_every)
+    and at the epoch's end, so the CPU can queue the next steps' kernels meanwhile. One process stops on
+    a signal after the current step (no agreement needed); several after the next check."""
     model.train()
     rank, world = distributed_world()
     avg = Averager()
@@ -88,7 +88,7 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
 
         avg.add({**{f"enc_{k}": v for k, v in enc.items()}, **{f"mask_{k}": v for k, v in msk.items()}}, step)
         bar.update()
-        if step % args.log_every == 0 or (world == 1 and stop["signal"] is not None):
+        if step % check_every(args, device) == 0 or (world == 1 and stop["signal"] is not None):
             checked = step
             means, stopping = check(avg, bar, stop, step, epoch, device)
             if stopping:                     # a signal, here or on another rank
@@ -98,6 +98,11 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
     bar.close()
     lrs = dict(lr=opt_enc.param_groups[0]["lr"], mask_lr=opt_mask.param_groups[0]["lr"] if opt_mask else 0.0)
     return {**means, **lrs}, step
+
+
+def check_every(args, device):
+    """--log_every, or its default: 20 steps on CUDA; every step on the CPU, where reading costs no wait."""
+    return args.log_every or (20 if device.type == "cuda" else 1)
 
 
 def check(avg, bar, stop, step, epoch, device):
@@ -353,8 +358,9 @@ def get_args_parser():
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth (automatic "
                    "whenever it exists; this flag only says so when it does not)")
     g.add_argument("--save_every", type=int, default=0, help="also keep checkpoint_epochNNN.pth every K epochs")
-    g.add_argument("--log_every", type=int, default=20, help="read the step statistics (NaN check, progress bar, "
-                   "stop agreement between processes) every K steps: the host waits for the GPU only then")
+    g.add_argument("--log_every", type=int, default=None, help="read the step statistics (NaN check, progress bar, "
+                   "stop agreement between processes) every K steps, the host waiting for the GPU only then "
+                   "(default: 20 on CUDA; 1 on the CPU, which never runs ahead of itself)")
     g.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
     return p
 
