@@ -508,36 +508,25 @@ TENSOR_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__
 
 @contextlib.contextmanager
 def counting_syncs(device):
-    """A list whose len is the host synchronisations inside the block so far: CUDA's sync debug mode's
+    """A function giving the host synchronisations inside the block so far: CUDA's sync debug mode's
     warnings, or on the CPU the Python reads of a tensor's value (what would wait for a GPU)."""
-    seen = []
     if device.type == "cuda":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                yield _Synchronisations(caught)
+                yield lambda: sum("synchroniz" in str(w.message) for w in caught)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return
-    real = {name: getattr(torch.Tensor, name) for name in TENSOR_READS}
+    seen, real = [], {name: getattr(torch.Tensor, name) for name in TENSOR_READS}
     for name, fn in real.items():
         setattr(torch.Tensor, name, lambda self, *args, _fn=fn, **kwargs: seen.append(1) or _fn(self, *args, **kwargs))
     try:
-        yield seen
+        yield lambda: len(seen)
     finally:
         for name, fn in real.items():
             setattr(torch.Tensor, name, fn)
-
-
-class _Synchronisations:
-    """The CUDA sync debug mode's warnings among all those caught, as a sized collection."""
-
-    def __init__(self, caught):
-        self.caught = caught
-
-    def __len__(self):
-        return sum("synchroniz" in str(w.message) for w in self.caught)
 
 
 def bench_syncs(a, device):
@@ -563,12 +552,12 @@ def bench_syncs(a, device):
     sync(device)
     marks, real_step = [], train.adios_step
     with counting_syncs(device) as syncs:
-        train.adios_step = lambda *step_args: marks.append(len(syncs)) or real_step(*step_args)
+        train.adios_step = lambda *step_args: marks.append(syncs()) or real_step(*step_args)
         try:
             epoch([batch] * steps)
         finally:
             train.adios_step = real_step
-        marks.append(len(syncs))
+        marks.append(syncs())
     per_iteration = [b - a for a, b in zip(marks, marks[1:])]               # iteration i: step i+1 and after
     checks = [i for i in range(steps) if (i + 1) % args.log_every == 0 or i == steps - 1]
     between = [n for i, n in enumerate(per_iteration) if i not in checks]

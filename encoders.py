@@ -158,8 +158,9 @@ class SlotSyncBatchNorm(SlotBatchNormMixin, nn.modules.batchnorm._BatchNorm):
     In train mode under torchrun, slot s of the (S·B, C, …) batch is normalised with the mean and
     variance of slot s's images on ALL ranks, exactly as one process holding the global batch would in
     the paper's per-slot loop (Sec. 2), and the running averages move as S such calls would. All S slots
-    share one all-reduce per forward and one per backward (global_slot_moments). Statistics in float64,
-    the normalisation in ≥ float32 outside autocast, the output in x's dtype and memory format.
+    share one all-reduce per forward (global_slot_moments) and one per backward (SlotNormalise).
+    Statistics in float64, the normalisation in ≥ float32 outside autocast, the output in x's dtype and
+    memory format; for backward it keeps x alone, in x's dtype (SlotNormalise).
     In eval mode, or in one process, it is SlotBatchNorm. State-dict keys are BatchNorm's.
     """
 
