@@ -10,7 +10,6 @@ import signal
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 import adios
 import encoders
@@ -177,7 +176,7 @@ def synchronised(one_rank_group, monkeypatch):
     monkeypatch.setattr(encoders, "synchronising", lambda: True)
 
 
-def layers(kind, dtype, **options):
+def layers(dtype, **options):
     """(SlotSyncBatchNorm, the autograd reference) with equal random affine parameters."""
     g = torch.Generator().manual_seed(0)
     ours = SlotSyncBatchNorm(3, **options).to(dtype)
@@ -218,7 +217,7 @@ def test_sync_batchnorm_results_are_the_autograd_ones_float64(synchronised, name
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    ours, ref = layers(name, torch.float64, **options)
+    ours, ref = layers(torch.float64, **options)
     got, want = run_layer(ours, x, grad, slots), run_layer(ref, x, grad, slots)
     for a, b, what in zip(got[:4], want[:4], ("output", "input grad", "parameter grads", "buffers")):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=what)
@@ -231,7 +230,7 @@ def test_sync_batchnorm_keeps_bf16_activations_in_bf16(synchronised):
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(32, 3, 16, 16, generator=g) * 2 + 1).to(torch.bfloat16)
     grad = torch.randn(x.shape, generator=g)
-    ours, ref = layers("bf16", torch.float32)
+    ours, ref = layers(torch.float32)
     got, want = run_layer(ours, x, grad, 4), run_layer(ref, x, grad, 4)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16
     activation = x.numel()
