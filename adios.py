@@ -248,20 +248,20 @@ class ADIOS(nn.Module):
         return area_entropy(torch.cat(areas, dim=1))
 
     def stats(self, ssl, penalty, m_a, m_b, extra=()):
-        """Floats for the log, read from the device in one copy: the SSL sum, the penalty, and per
-        slot n the mean mask area over the batch (area_n) with its min and max (area_n_min/max)."""
-        names, values = ["ssl_loss", "penalty"], [ssl.detach().float(), torch.as_tensor(penalty).float()]
+        """Detached 0-d float tensors for the log, left on the device (train.py reads them every
+        --log_every steps, not every step): the SSL sum, the penalty, and per slot n the mean mask area
+        over the batch (area_n) with its min and max (area_n_min/max)."""
+        device = ssl.device
+        stats = dict(ssl_loss=ssl.detach().float(), penalty=torch.as_tensor(penalty, device=device).detach().float())
         masks = [m for m in (m_a, m_b) if m is not None]
         if masks:
             area = torch.cat(masks).detach().float().mean(dim=(2, 3))       # (B or 2B, N)
-            for n in range(area.shape[1]):
-                names += [f"area_{n}", f"area_{n}_min", f"area_{n}_max"]
-                values += [area[:, n].mean(), area[:, n].min(), area[:, n].max()]
+            lo, hi = area.aminmax(dim=0)                                    # (N,) each
+            for n, (mean, low, high) in enumerate(zip(area.mean(dim=0), lo, hi)):
+                stats.update({f"area_{n}": mean, f"area_{n}_min": low, f"area_{n}_max": high})
         for name, value in extra:
-            names.append(name)
-            values.append(value.detach().float())
-        values = torch.stack([v.to(values[0].device) for v in values]).tolist()
-        return dict(zip(names, values))
+            stats[name] = torch.as_tensor(value, device=device).detach().float()
+        return stats
 
     # ---- BYOL's target, and several processes --------------------------------------------------------
 

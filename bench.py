@@ -6,6 +6,7 @@
     python bench.py --method byol --precision fp32 --steps 5      # any recipe flag of train.py's kind
     python bench.py --loader                 # the input pipeline alone: CPU workers vs GPUAugment
     python bench.py --device cpu --world 2   # what per-slot synchronised BatchNorm costs: 2 processes (gloo) vs 1
+    python bench.py --syncs                  # host synchronisations per iteration of train.py's loop
 
 One iteration = the encoder step + the masker step (Sec. 2). "ours" is train.adios_step exactly as
 train.py runs it (clean view encoded once per step, the N masked views as one batch with per-slot
@@ -15,7 +16,10 @@ clean view encoded again for every slot in both steps (README: "Performance"). T
 process, interleaved, after warm-up; the table gives medians over repeats, the last line one JSON object.
 Inputs are random tensors: the input pipeline is timed on its own by --loader. --world K times ours in
 K processes (gloo; each with --batch_size images, BatchNorm per slot over all K: the torchrun path)
-against one, and counts the collectives of one iteration. README: "Performance".
+against one, and counts the collectives of one iteration. --syncs runs train.py's loop
+(train.train_one_epoch) on device-resident batches and counts the times the host waits for the
+device, per iteration: on CUDA with torch's sync debug mode, on the CPU the Python reads of tensor
+values. README: "Performance".
 """
 import argparse
 import collections
@@ -26,6 +30,7 @@ import socket
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -80,6 +85,11 @@ def get_args_parser():
     g.add_argument("--batches", type=int, default=10, help="timed batches per setting (at least 4 per worker)")
     g.add_argument("--num_images", type=int, default=None, help="images for GPUAugment's uint8 tensor "
                    "(default: all; 1024 for shapes, which is generated)")
+    g = p.add_argument_group("--syncs: host synchronisations of train.py's loop")
+    g.add_argument("--syncs", action="store_true", help="count them per iteration over --steps iterations "
+                   "(default 2 × --log_every + 1)")
+    g.add_argument("--log_every", type=int, default=None, help="train.py's --log_every (default: as train.py, 20 on "
+                   "CUDA, 1 on the CPU)")
     g = p.add_argument_group("--world: the cost of synchronised BatchNorm (CPU)")
     g.add_argument("--world", type=int, default=None, help="K processes (gloo), each with --batch_size images and "
                    "--threads threads (default: the cores divided by K), against one process")
@@ -182,6 +192,7 @@ def train_args(a, device):
                 "pred_hidden_dim"):
         if getattr(a, key) is not None:
             argv += [f"--{key}", str(getattr(a, key))]
+    argv += ["--log_every", str(a.log_every)] if getattr(a, "log_every", None) else []
     args = train.resolve_args(train.get_args_parser().parse_args(argv))
     if problem := cli_checks.train_args_problem(args):      # what cannot be built: one line, exit 2
         fail(problem)
@@ -501,6 +512,77 @@ def bench_world(a, device):
     return result
 
 
+# ---- --syncs: where the host waits for the device ------------------------------------------------
+
+TENSOR_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+@contextlib.contextmanager
+def counting_syncs(device):
+    """A function giving the host synchronisations inside the block so far: CUDA's sync debug mode's
+    warnings, or on the CPU the Python reads of a tensor's value (what would wait for a GPU)."""
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield lambda: sum("synchroniz" in str(w.message) for w in caught)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return
+    seen, real = [], {name: getattr(torch.Tensor, name) for name in TENSOR_READS}
+    for name, fn in real.items():
+        setattr(torch.Tensor, name, lambda self, *args, _fn=fn, **kwargs: seen.append(1) or _fn(self, *args, **kwargs))
+    try:
+        yield lambda: len(seen)
+    finally:
+        for name, fn in real.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def bench_syncs(a, device):
+    """Host synchronisations per iteration of train.train_one_epoch, on random batches already on the
+    device (no loader): between checks, and at each check (every --log_every steps and at the end)."""
+    args = train_args(a, device)
+    torch.manual_seed(0)
+    num_classes = data.dataset_info(a.dataset)["num_classes"] or 10
+    model, opt_enc, opt_mask = build_side(args, device, num_classes)
+    args.log_every = train.check_every(args, device)
+    steps = a.steps if a.steps_given else 2 * args.log_every + 1
+    B, S = args.batch_size, args.img_size
+    batch = ((torch.randn(B, 3, S, S, device=device), torch.randn(B, 3, S, S, device=device)),
+             torch.randint(num_classes, (B,), device=device))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    args.max_steps, args.epochs = None, 1
+    schedules = optim.learning_rate_schedules(args, steps)
+    epoch = lambda loader: train.train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, 0, 0,  # noqa: E731
+                                                 schedules, args, device, {"signal": None})
+    epoch([batch] * 2)                                        # warm-up: kernels chosen, memory allocated
+    sync(device)
+    marks, real_step = [], train.adios_step
+    with counting_syncs(device) as syncs:
+        train.adios_step = lambda *step_args: marks.append(syncs()) or real_step(*step_args)
+        try:
+            epoch([batch] * steps)
+        finally:
+            train.adios_step = real_step
+        marks.append(syncs())
+    per_iteration = [b - a for a, b in zip(marks, marks[1:])]               # iteration i: step i+1 and after
+    checks = [i for i in range(steps) if (i + 1) % args.log_every == 0 or i == steps - 1]
+    between = [n for i, n in enumerate(per_iteration) if i not in checks]
+    result = dict(mode="syncs", device=device_name(device), precision=args.precision, steps=steps,
+                  log_every=args.log_every, per_iteration=per_iteration,
+                  between_checks=round(statistics.mean(between), 3) if between else None,
+                  at_checks=round(statistics.mean(per_iteration[i] for i in checks), 3),
+                  config=dict(arch=a.arch, method=a.method, img_size=S, batch_size=B, num_masks=args.num_masks))
+    print(f"host synchronisations per iteration of train.py's loop ({a.method}, {args.precision}, "
+          f"{device_name(device)}): {result['between_checks']} between checks, {result['at_checks']} at a check "
+          f"(every {args.log_every} steps and at the epoch's end); per iteration: {per_iteration}")
+    return result
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 def fail(message):
@@ -512,7 +594,7 @@ def main(argv=None):
     if problem := cli_checks.device_problem(a.device):
         fail(problem)
     if problem := cli_checks.below_minimum(a, dict(steps=1, repeats=1, threads=1, warmup=0, batches=1, num_images=1,
-                                                   world=2)):
+                                                   world=2, log_every=1)):
         fail(problem)
     return run(a)
 
@@ -523,10 +605,12 @@ def run(a):
     if not cuda:
         torch.set_num_threads(a.threads or os.cpu_count() or 1)
     a.dataset = a.dataset or ("stl10" if cuda else "shapes")
+    a.steps_given = a.steps is not None
     a.steps = a.steps or (10 if cuda else 2)
     a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     a.repeats = a.repeats or (5 if cuda else 3)
-    result = bench_loader(a, device) if a.loader else bench_world(a, device) if a.world else bench_iteration(a, device)
+    result = bench_loader(a, device) if a.loader else bench_world(a, device) if a.world else \
+        bench_syncs(a, device) if a.syncs else bench_iteration(a, device)
     print(json.dumps(result))
     return result
 

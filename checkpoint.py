@@ -7,7 +7,6 @@ signal (SIGTERM, SIGINT) finishes the iteration and saves on every rank; a NaN o
 run without saving, so the last checkpoint is the last good state. README: "Reading the outputs",
 "When things go wrong".
 """
-import math
 import os
 import signal
 import sys
@@ -110,15 +109,17 @@ def release(stop):
         dist.destroy_process_group()
 
 
-def must_stop(enc, msk, stop, step, epoch, device):
-    """After an iteration: exit 1 if any rank's loss is NaN or infinite (nothing saved); True if a stop
-    signal reached any rank (every rank then stops after this same iteration)."""
-    bad = first_non_finite(enc, msk)
+def must_stop(first_bad, stop, step, epoch, device):
+    """At a check (every --log_every steps and at an epoch's end: train.py:train_one_epoch): exit 1 if
+    any rank's loss turned NaN or infinite since the last one (nothing saved); True if a stop signal
+    reached any rank (every rank then stops after this same iteration). first_bad: {stat: the first step
+    it was non-finite}, from monitor.Averager.read. With several processes: one all-reduce."""
+    bad = first_non_finite(first_bad)
     any_bad, any_stop = agree([bad is not None, stop["signal"] is not None], device)
     if any_bad:
-        error_exit(f"non-finite {bad or 'loss on another rank'} at step {step} (epoch {epoch}); stopped without "
-                   "saving, the last checkpoint is intact. Lower --lr or --mask_lr, raise --alpha, or use "
-                   "--precision fp32")
+        where = f"{bad[0]} at step {bad[1]}" if bad else f"loss on another rank by step {step}"
+        error_exit(f"non-finite {where} (epoch {epoch}); stopped without saving, the last checkpoint is "
+                   "intact. Lower --lr or --mask_lr, raise --alpha, or use --precision fp32")
     if any_stop:
         stop["signal"] = stop["signal"] or "on another rank"
     return any_stop
@@ -134,11 +135,15 @@ def stop_agreed(stop, step, device):
     return True
 
 
-def first_non_finite(enc, msk):
-    """Name of the first loss term that is NaN or infinite this iteration, or None."""
-    terms = [("encoder loss", enc.get("ssl_loss")), ("online probe loss", enc.get("online_ce")),
-             ("masker loss", msk.get("ssl_loss")), ("sparsity penalty", msk.get("penalty"))]
-    return next((name for name, v in terms if v is not None and not math.isfinite(v)), None)
+# The loss terms checked for NaN and infinity, in the order an iteration computes them: (stat, name).
+LOSS_TERMS = (("enc_ssl_loss", "encoder loss"), ("enc_online_ce", "online probe loss"),
+              ("mask_ssl_loss", "masker loss"), ("mask_penalty", "sparsity penalty"))
+
+
+def first_non_finite(first_bad):
+    """(name, step) of the loss term that turned NaN or infinite first, from {stat: first bad step}, or None."""
+    found = [(first_bad[stat], i, name) for i, (stat, name) in enumerate(LOSS_TERMS) if stat in first_bad]
+    return (min(found)[2], min(found)[0]) if found else None
 
 
 def first_non_finite_weight(model):

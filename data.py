@@ -328,7 +328,8 @@ class SeededViews(torch.utils.data.Dataset):
 
     So an image's views depend on nothing else: not on the worker that makes them, on how many images
     that worker made before, or on where the epoch started. A run stopped mid-epoch and resumed sees
-    the very views the uninterrupted run saw. `epoch` is set by ResumableSampler.set_epoch.
+    the very views the uninterrupted run saw. The epoch comes with each index from ResumableSampler:
+    persistent loader workers keep the copy of this dataset they were started with, epoch and all.
     """
 
     def __init__(self, dataset, seed=0):
@@ -337,9 +338,11 @@ class SeededViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        """key: an index i (this dataset's `epoch`), or (epoch, i) as ResumableSampler yields them."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         with torch.random.fork_rng(devices=[]):      # the caller's CPU RNG stream is left as it was
-            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))   # CPU only: ~1 µs
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))   # CPU only: ~1 µs
             return self.dataset[i]
 
 
@@ -375,11 +378,13 @@ def build_loader(dataset, batch_size, workers, shuffle=True, drop_last=True, see
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                drop_last=drop_last)
-    # Workers are not persistent: fresh ones each epoch copy the dataset with its epoch (SeededViews).
-    # Pretraining views are seeded per image; the workers' own seeds come from this generator.
+    # Persistent workers, started once, not forked anew each epoch: the sampler hands them the epoch with
+    # every index (SeededViews). Pretraining views are seeded per image; the workers' own seeds come from
+    # this generator.
     generator = torch.Generator().manual_seed(seed + 100_003 * rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=drop_last, generator=generator)
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last, generator=generator,
+                      persistent_workers=workers > 0)
 
 
 class ResumableSampler(DistributedSampler):
@@ -395,7 +400,11 @@ class ResumableSampler(DistributedSampler):
             self.dataset.epoch = epoch
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
+        """This epoch's indices from `start` on; for a SeededViews dataset, (epoch, index) pairs."""
+        order = itertools.islice(super().__iter__(), self.start, None)
+        if isinstance(self.dataset, SeededViews):
+            return ((self.epoch, i) for i in order)
+        return order
 
     def __len__(self):
         return super().__len__() - self.start

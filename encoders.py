@@ -231,8 +231,9 @@ class SlotSyncBatchNorm(SlotBatchNormMixin, nn.modules.batchnorm._BatchNorm):
     In train mode under torchrun, slot s of the (S·B, C, …) batch is normalised with the mean and
     variance of slot s's images on ALL ranks, exactly as one process holding the global batch would in
     the paper's per-slot loop (Sec. 2), and the running averages move as S such calls would. All S slots
-    share one all-reduce per forward and one per backward (global_slot_moments). Statistics in float64,
-    the normalisation in ≥ float32 outside autocast, the output in x's dtype and memory format.
+    share one all-reduce per forward (global_slot_moments) and one per backward (SlotNormalise).
+    Statistics in float64, the normalisation in ≥ float32 outside autocast, the output in x's dtype and
+    memory format; for backward it keeps x alone, in x's dtype (SlotNormalise).
     In eval mode, or in one process, it is SlotBatchNorm. State-dict keys are BatchNorm's.
     """
 
@@ -247,11 +248,13 @@ class SlotSyncBatchNorm(SlotBatchNormMixin, nn.modules.batchnorm._BatchNorm):
         if x.shape[0] % self.slots:
             raise ValueError(f"a batch of {x.shape[0]} does not split into {self.slots} equal slots")
         with torch.autocast(x.device.type, enabled=False):   # bf16/fp16 in: statistics in float32 at least
-            x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-            mean, var, count = global_slot_moments(x32, self.slots)  # (S, C), (S, C), (S, 1)
+            with torch.no_grad():                             # SlotNormalise's backward differentiates them
+                x32 = x.to(torch.promote_types(x.dtype, torch.float32))   # a temporary: autograd keeps x
+                mean, var, count = global_slot_moments(x32, self.slots)  # (S, C), (S, C), (S, 1)
+                del x32
             if self.track_running_stats:
                 self.update_running_stats(mean, var, count)
-            return self.normalise(x32, mean, var).to(x.dtype)
+            return SlotNormalise.apply(x, self.weight, self.bias, mean, var, count, self.eps)
 
     @torch.no_grad()
     def update_running_stats(self, mean, var, count):
@@ -264,17 +267,65 @@ class SlotSyncBatchNorm(SlotBatchNormMixin, nn.modules.batchnorm._BatchNorm):
         else:
             self.blend(stats)
 
-    def normalise(self, x, mean, var):
-        """y = (x − μ_s) / √(σ_s² + ε) · γ + β on slot s, computed as x · a_s + b_s as BatchNorm's CPU kernel
-        does: autograd then keeps x alone, one activation-sized tensor. x: (S·B, C, …); mean, var: (S, C)."""
-        scale = torch.rsqrt(var + self.eps)                   # (S, C), float64
-        shift = -mean * scale
-        if self.affine:
-            scale, shift = scale * self.weight, shift * self.weight + self.bias
-        S, C = mean.shape
-        shape = (S, 1, C) + (1,) * (x.dim() - 2)               # broadcasts over (S, B, C, …)
-        y = x.unflatten(0, (S, -1)) * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
-        return y.flatten(0, 1)                                # (S·B, C, …), x's memory format
+
+class SlotNormalise(torch.autograd.Function):
+    """y = (x − μ_s) / √(σ_s² + ε) · γ + β on slot s, with μ_s, σ_s² the global moments of slot s (every
+    rank's images), and its gradient through those moments written out, as torch's SyncBatchNorm does.
+
+    Autograd keeps x alone, in x's own dtype (bf16 stays bf16): backward recomputes x̂ = (x − μ_s)/σ_s in
+    ≥ float32 instead of keeping a float32 copy of the activations. For the global loss Σ_r L_r:
+        ∂L/∂x = γ/σ_s · (g − mean(g) − x̂ · mean(g·x̂)),    g = ∂L/∂y,
+    the means over slot s's values on ALL ranks: one all-reduce of (S, 2C) sums for all slots.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, count, eps):     # x (S·B, C, …); mean, var (S, C) float64
+        rstd = torch.rsqrt(var + eps)                         # (S, C), float64
+        scale, shift = rstd, -mean * rstd                     # y = x · scale + shift, as BatchNorm's CPU kernel
+        if weight is not None:
+            scale, shift = scale * weight, shift * weight + bias
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        ctx.save_for_backward(x, weight, mean, rstd, count)
+        # Row by row, not through a (S, B, C, …) view: a view as output would stop the in-place ReLU after.
+        y = x.to(dtype) * per_row(scale, x, dtype) + per_row(shift, x, dtype)
+        return y.to(x.dtype)                                  # (S·B, C, …), x's dtype and memory format
+
+    @staticmethod
+    def backward(ctx, grad):                                  # grad: (S·B, C, …)
+        x, weight, mean, rstd, count = ctx.saved_tensors
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        S, n = mean.shape[0], x.dim()
+        g = grad.to(dtype).unflatten(0, (S, -1))              # (S, B, C, …)
+        x_hat = x.to(dtype).unflatten(0, (S, -1)) * per_slot(rstd, n, dtype) - per_slot(mean * rstd, n, dtype)
+        dims = [1, *range(3, n + 1)]                          # all but slot and channel
+        sum_g, sum_gx = g.sum(dim=dims), (g * x_hat).sum(dim=dims)          # (S, C) each, this rank's images
+        grad_x = grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_gx.sum(0).to(weight.dtype)      # γ, β: this rank's images (DDP sums the ranks')
+        if weight is not None and ctx.needs_input_grad[2]:
+            grad_bias = sum_g.sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            C = mean.shape[1]
+            sums = torch.cat([sum_g, sum_gx], dim=1).double()  # (S, 2C)
+            dist.all_reduce(sums)                             # over every rank's images of each slot
+            mean_g, mean_gx = sums[:, :C] / count, sums[:, C:] / count      # (S, C), float64
+            gain = rstd * weight if weight is not None else rstd            # γ/σ_s, (S, C)
+            grad_x = (g - per_slot(mean_g, n, dtype) - x_hat * per_slot(mean_gx, n, dtype)) * per_slot(gain, n, dtype)
+            grad_x = grad_x.flatten(0, 1).to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def per_row(v, x, dtype):
+    """Per-slot, per-channel values v (S, C) as (S·B, C, 1, …) in `dtype`: each slot's row repeated for
+    its B images, to broadcast over the (S·B, C, …) input x."""
+    return v.to(dtype).repeat_interleave(x.shape[0] // v.shape[0], dim=0).view(x.shape[0], v.shape[1],
+                                                                              *[1] * (x.dim() - 2))
+
+
+def per_slot(v, dim, dtype):
+    """Per-slot, per-channel values v (S, C) as (S, 1, C, 1, …) in `dtype`, to broadcast over a slot
+    view (S, B, C, …) of a dim-dimensional (S·B, C, …) input."""
+    return v.to(dtype).view(v.shape[0], 1, v.shape[1], *([1] * (dim - 2)))
 
 
 def convert_to_slot_batchnorm(module, sync=False):

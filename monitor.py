@@ -91,15 +91,37 @@ def draw_masks(images, masks, mean, std, path):
 
 
 class Averager:
-    """Running means of the per-step stats dicts, for the epoch's log line."""
+    """Running sums of the per-step stats dicts, kept on the device so that adding costs no host sync;
+    `read` copies them to the host in one transfer (train.py: every --log_every steps and at the epoch's
+    end). Per stat it also keeps the first step at which the stat was NaN or infinite."""
 
     def __init__(self):
-        self.sums, self.count = {}, 0
+        self.names, self.sums, self.first_bad, self.count = [], None, None, 0
 
-    def add(self, stats):
+    def add(self, stats, step):
+        """stats: {name: 0-d tensor or float}, the same names every call; step: the global step reached."""
+        if self.sums is not None and list(stats) != self.names:
+            raise ValueError(f"stats changed their names: {list(stats)} after {self.names}")
+        tensors = [v for v in stats.values() if isinstance(v, torch.Tensor)]
+        device = tensors[0].device if tensors else None
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in stats.values()])
+        if self.sums is None:
+            self.names, self.sums = list(stats), torch.zeros_like(values)
+            self.first_bad = torch.full_like(values, -1.0)                 # −1: finite so far
+        self.sums += values
+        newly_bad = (self.first_bad < 0) & ~torch.isfinite(values)        # (number of stats,), on the device
+        self.first_bad = torch.where(newly_bad, float(step), self.first_bad)
         self.count += 1
-        for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def read(self):
+        """(means, {name: first step it was NaN or infinite}) so far, in one device-to-host copy."""
+        if self.sums is None:
+            return {}, {}
+        values = torch.cat([self.sums / self.count, self.first_bad]).tolist()
+        k = len(self.names)
+        means = dict(zip(self.names, values[:k]))
+        first_bad = {name: int(s) for name, s in zip(self.names, values[k:]) if s >= 0}
+        return means, first_bad
 
     def means(self):
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        return self.read()[0]

@@ -24,23 +24,33 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        """One step for every group, each a handful of multi-tensor (torch._foreach_*) kernels over all its
+        weights rather than a Python loop of kernels per weight; no host sync."""
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=group["weight_decay"])
-                if group["lars"]:
-                    w_norm, g_norm = p.norm(), p.grad.norm()
-                    trust = group["eta"] * w_norm / (g_norm + group["weight_decay"] * w_norm)
-                    if group["clip"]:                         # min(trust, lr) / lr, on the device: no host sync
-                        trust = torch.clamp(trust / group["lr"], max=1.0)
-                    d.mul_(torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust)))
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(d)
-                p.add_(buf, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            d = torch._foreach_add(grads, params, alpha=group["weight_decay"])     # g + wd·w, per tensor
+            if group["lars"]:
+                w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
+                trust = group["eta"] * w_norm / (g_norm + group["weight_decay"] * w_norm)    # (number of tensors,)
+                if group["clip"]:                             # min(trust, lr) / lr, on the device: no host sync
+                    trust = torch.clamp(trust / group["lr"], max=1.0)
+                trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                torch._foreach_mul_(d, list(trust.unbind()))
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            if any(buf is None for buf in bufs):              # the first step: the buffer starts as d
+                for p, buf, step in zip(params, bufs, d):
+                    if buf is None:
+                        self.state[p]["momentum_buffer"] = step.clone()
+                    else:                                     # (a tensor whose gradient came later)
+                        buf.mul_(group["momentum"]).add_(step)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
+            else:
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, d)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
 def param_groups(module, lr, weight_decay, **extra):

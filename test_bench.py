@@ -116,3 +116,12 @@ def test_world_times_synchronised_processes_and_counts_their_collectives(capsys)
     assert released["simclr_negatives"] == 7 * 2 and ours["simclr_negatives"] == 4 * 2 + 3
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["collectives_per_iteration"] == result["collectives_per_iteration"]
+
+
+def test_syncs_counts_the_host_waits_of_train_loop(capsys):
+    # --log_every 2 over 3 iterations: checks after steps 2 and 3 (the end), one read each; none between.
+    result = bench.main([*TINY, "--syncs", "--log_every", "2", "--steps", "3", "--method", "byol"])
+    assert result["mode"] == "syncs" and result["per_iteration"] == [0, 1, 1]
+    assert result["between_checks"] == 0 and result["at_checks"] == 1
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["per_iteration"] == result["per_iteration"]

@@ -200,6 +200,28 @@ def test_build_loader_drop_last():
     assert torch.equal(torch.cat([b[0] for b in loader]), torch.arange(10))
 
 
+def epoch_views(loader, epoch, start=0):
+    """Every (view_a, view_b) pair of one epoch (from `start` samples in), stacked: (2, images, 3, H, W)."""
+    loader.sampler.set_epoch(epoch, start=start)
+    return torch.cat([torch.stack([x_a, x_b]) for (x_a, x_b), _ in loader], dim=1)
+
+
+def test_persistent_workers_show_new_views_every_epoch():
+    # Two workers started once (persistent): they keep their copy of the dataset, so the epoch must come
+    # with the indices. Each epoch's views are new, and bit-identical to those made in this process.
+    dataset = data.build_pretrain_dataset("shapes", None, 16, num_images=8)
+    workers = data.build_loader(dataset, batch_size=4, workers=2, seed=3)
+    here = data.build_loader(dataset, batch_size=4, workers=0, seed=3)
+    assert workers.persistent_workers
+    first = epoch_views(workers, 0)
+    started = workers._iterator
+    second = epoch_views(workers, 1)
+    assert workers._iterator is started                           # the same workers served both epochs
+    assert not torch.equal(first, second)                         # new views in the new epoch
+    assert torch.equal(first, epoch_views(here, 0)) and torch.equal(second, epoch_views(here, 1))
+    assert torch.equal(epoch_views(workers, 1, start=4), second[:, 4:])   # a resumed epoch: the same views
+
+
 def test_download_failure_is_one_line(tmp_path, monkeypatch):
     import urllib.error
 

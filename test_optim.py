@@ -53,3 +53,63 @@ def test_lars_without_clipping_float64():
     buf_w = 0.9 * d_w + eta * w1.norm() / gw.norm() * gw
     torch.testing.assert_close(head.weight.detach(), w1 - lr * buf_w, rtol=0, atol=1e-13)
     torch.testing.assert_close(head.bias.detach(), b1 - lr * (0.9 * grads[0][1] + gb), rtol=0, atol=1e-13)
+
+
+class LoopLARS(torch.optim.Optimizer):
+    """The reference: LARS as optim.py wrote it before its multi-tensor form, one weight at a time."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True,
+                                      clip=clip))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    w_norm, g_norm = p.norm(), p.grad.norm()
+                    trust = group["eta"] * w_norm / (g_norm + group["weight_decay"] * w_norm)
+                    if group["clip"]:
+                        trust = torch.clamp(trust / group["lr"], max=1.0)
+                    d.mul_(torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust)))
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_multi_tensor_lars_matches_the_loop_float64(clip):
+    # Weights (decay and LARS) and 1-D tensors (neither), a base rate ≠ 1 and a per-step rate, gradients of
+    # very different sizes (some local rates clipped, some not), a zero weight (trust 1), a tensor without a
+    # gradient at one step (skipped, its momentum untouched), momentum over five steps.
+    g = torch.Generator().manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    shapes = [(6, 5), (4, 3, 3, 3), (7,), (5, 5), (3,)]
+    init = [torch.randn(s, generator=g, **f64) for s in shapes]
+    init[3].zero_()                                           # ‖w‖ = 0: LARS leaves the step alone
+    sides = []
+    for kind in (optim.LARS, LoopLARS):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        groups = [dict(params=[params[0], params[1], params[3]], lr=0.37, weight_decay=3e-2),
+                  dict(params=[params[2], params[4]], lr=0.37, weight_decay=0.0, lars=False)]
+        sides.append((params, kind(groups, lr=0.37, momentum=0.9, eta=0.02, clip=clip)))
+    for step in range(5):
+        grads = [torch.randn(s, generator=g, **f64) * 10.0 ** (3 * (i % 3) - 3) for i, s in enumerate(shapes)]
+        for params, opt in sides:
+            for i, (p, grad) in enumerate(zip(params, grads)):
+                p.grad = None if (step == 2 and i == 1) else grad.clone()
+            for group in opt.param_groups:
+                group["lr"] = 0.37 * (1 - step / 10)
+            opt.step()
+    (ours, opt), (ref, ref_opt) = sides
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-14, atol=1e-15, msg=f"tensor {i}")
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
+                                   rtol=1e-14, atol=1e-15, msg=f"momentum {i}")
+        assert not torch.equal(p.detach(), init[i])          # every tensor moved

@@ -137,4 +137,4 @@ def test_gpu_check_script_commands_parse():
             parser = {"bench.py": bench.get_args_parser, "train.py": train.get_args_parser}[words[i]]()
             parser.parse_args(words[i + 1:])
             found += 1
-    assert found == 3
+    assert found == 6

@@ -59,18 +59,26 @@ def adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp):
 
 def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, schedules, args, device, stop):
     """One pass over this rank's share of the data (what is left of it after a mid-epoch resume).
-    Returns (the epoch's mean stats and learning rates, the global step reached)."""
+    Returns (the epoch's mean stats and learning rates, the global step reached).
+
+    The stats stay on the device (monitor.Averager); the host reads them, checks them for NaN and
+    infinity and agrees with the other ranks whether to stop only every --log_every steps (check_every)
+    and at the epoch's end, so the CPU can queue the next steps' kernels meanwhile. One process stops on
+    a signal after the current step (no agreement needed); several after the next check."""
     model.train()
-    rank = distributed_world()[0]
+    rank, world = distributed_world()
     avg = Averager()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=rank != 0, leave=False)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format     # the model's (run_setup)
+    checked, means = step, {}
     for (x_a, x_b), labels in loader:
         if step >= schedules["last_step"]:
             break
         set_learning_rates(opt_enc, step, **schedules["encoder"])
         if opt_mask is not None:
             set_learning_rates(opt_mask, step, **schedules["masker"])
-        x_a, x_b, labels = x_a.to(device, non_blocking=True), x_b.to(device, non_blocking=True), labels.to(device)
+        x_a, x_b = (x.to(device, non_blocking=True, memory_format=layout) for x in (x_a, x_b))
+        labels = labels.to(device, non_blocking=True)
 
         torch.manual_seed(step_seed(args.seed, step, rank))   # ADIOS-s slots, random/block masks
         enc, msk = adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, amp)
@@ -78,14 +86,31 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
             model.momentum_update(byol_tau(step, schedules["masker"]["total"]))
         step += 1
 
-        avg.add({**{f"enc_{k}": v for k, v in enc.items()}, **{f"mask_{k}": v for k, v in msk.items()}})
+        avg.add({**{f"enc_{k}": v for k, v in enc.items()}, **{f"mask_{k}": v for k, v in msk.items()}}, step)
         bar.update()
-        bar.set_postfix(loss=f"{enc['ssl_loss']:.3f}", refresh=False)
-        if must_stop(enc, msk, stop, step, epoch, device):       # a signal, here or on another rank
-            break
+        if step % check_every(args, device) == 0 or (world == 1 and stop["signal"] is not None):
+            checked = step
+            means, stopping = check(avg, bar, stop, step, epoch, device)
+            if stopping:                     # a signal, here or on another rank
+                break
+    if checked != step:                      # the epoch's end or --max_steps: checked before any save
+        means, _ = check(avg, bar, stop, step, epoch, device)
     bar.close()
     lrs = dict(lr=opt_enc.param_groups[0]["lr"], mask_lr=opt_mask.param_groups[0]["lr"] if opt_mask else 0.0)
-    return {**avg.means(), **lrs}, step
+    return {**means, **lrs}, step
+
+
+def check_every(args, device):
+    """--log_every, or its default: 20 steps on CUDA; every step on the CPU, where reading costs no wait."""
+    return args.log_every or (20 if device.type == "cuda" else 1)
+
+
+def check(avg, bar, stop, step, epoch, device):
+    """The host reads the stats (one copy) and shows the loss; exits on a non-finite one (nothing
+    saved). Returns (the epoch's means so far, whether to stop: checkpoint.must_stop)."""
+    means, first_bad = avg.read()
+    bar.set_postfix(loss=f"{means.get('enc_ssl_loss', float('nan')):.3f}", refresh=False)
+    return means, must_stop(first_bad, stop, step, epoch, device)
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -107,7 +132,8 @@ def main(argv=None):
 
     # ---- data ----
     loader, val_set, num_classes = build_data(args, device, world, is_main)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(args.workers, 2))
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(args.workers, 2),
+                                             persistent_workers=args.workers > 0)
     fixed = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device)   # for the picture
 
     # ---- models ----
@@ -332,6 +358,9 @@ def get_args_parser():
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth (automatic "
                    "whenever it exists; this flag only says so when it does not)")
     g.add_argument("--save_every", type=int, default=0, help="also keep checkpoint_epochNNN.pth every K epochs")
+    g.add_argument("--log_every", type=int, default=None, help="read the step statistics (NaN check, progress bar, "
+                   "stop agreement between processes) every K steps, the host waiting for the GPU only then "
+                   "(default: 20 on CUDA; 1 on the CPU, which never runs ahead of itself)")
     g.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
     return p
 
