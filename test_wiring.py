@@ -322,7 +322,8 @@ def test_each_rank_draws_its_own_step_randomness(monkeypatch):
     model = types.SimpleNamespace(method="simclr", train=lambda: None)
     for rank in (0, 1, 0):
         monkeypatch.setattr(train, "distributed_world", lambda: (rank, 2))
-        train.train_one_epoch(model, loader, opt, None, None, None, 0, 0, schedules, types.SimpleNamespace(seed=5),
+        train.train_one_epoch(model, loader, opt, None, None, None, 0, 0, schedules,
+                              types.SimpleNamespace(seed=5, channels_last=False, log_every=1),
                               CPU, dict(signal=None))
         if rank == 0 and len(draws[0]) == 6:
             assert all(torch.equal(a, b) for a, b in zip(draws[0][:3], draws[0][3:]))
