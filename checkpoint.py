@@ -28,7 +28,7 @@ SHAPING = ("dataset", "num_images", "data_version", "img_size", "jitter", "gpu_a
            "alpha_entropy", "mask_lr", "mask_channels", "mask_norm", "mask_blocks", "mask_type", "batch_size", "lr",
            "weight_decay", "optimizer", "warmup_epochs", "encoder_early_end", "classifier_lr", "sync_bn", "seed")
 RUNNING = ("epochs", "max_steps", "save_every", "resume", "dry_run", "data_dir", "download", "workers", "device",
-           "output_dir", "compile")
+           "output_dir", "compile", "collective_timeout")
 DEVICE = ("precision", "channels_last")
 
 

@@ -21,15 +21,18 @@ def fail(message):
     cli_checks.fail("train.py", message)
 
 
-def setup_distributed(device_arg):
-    """(rank, world size, device) from torchrun's environment; one process when RANK is not set."""
+def setup_distributed(device_arg, timeout_min=None):
+    """(rank, world size, device) from torchrun's environment; one process when RANK is not set. RANK and
+    WORLD_SIZE count every process of every machine; LOCAL_RANK picks this machine's GPU. timeout_min: how
+    long a collective waits for a process that stopped answering (default torch's: 10 min NCCL, 30 gloo)."""
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     return rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu")
 
 

@@ -98,7 +98,7 @@ def train_one_epoch(model, loader, opt_enc, opt_mask, scaler, amp, epoch, step, 
 
 def main(argv=None):
     args = parse_args(argv)                  # recipes filled in; bad input answered in one line
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.collective_timeout)
     is_main, args.world_size = rank == 0, world
     amp = autocast_for(args, device)
     if is_main:
@@ -351,6 +351,9 @@ def get_args_parser():
     g.add_argument("--sync_bn", action=on_off, default=True,
                    help="with several processes, BatchNorm statistics over the global batch, still per slot "
                         "(encoders.SlotSyncBatchNorm); --no-sync_bn keeps each process's own")
+    g.add_argument("--collective_timeout", type=float, default=None, metavar="MIN", help="with several "
+                   "processes, minutes a collective waits for one that stopped answering (a machine powered off) "
+                   "before the run ends (default torch's: 10 for NCCL, 30 for gloo); above an epoch-end's evaluation")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output_dir", default=None, help="default: runs/<dataset>_<method>_<arch>, plus what else "
                    "sets the run apart (mask scheme, image size, seed, then each shaping flag unlike the recipe's)")
