@@ -2,9 +2,11 @@
 two nodes for every purpose of train.py (README "Many GPUs and many machines", docs/many_gpus.md).
 
 Each node has its own copy of an image folder (--data_dir) and its own run folder (--output_dir): disks that
-are not shared. One gloo process per node, CPU, 16-px images, 4 steps an epoch. Three launches serve every
-test: a run to the end; the same run with node 1 killed in its second epoch; and the same two commands again,
-which resume it. A one-process run at the same global batch is the reference.
+are not shared. One gloo process per node, CPU, 16-px images, 4 steps an epoch, 2 epochs; README's launch
+flags, with train.py's main run in float64 (the one change), so that the two nodes can be compared with one
+process to 1e-9. Three launches serve every test: a run to the end; the same run with node 1 killed in its
+second epoch; and the same two commands again, which resume it. A one-process run at the same global batch
+is the reference.
 """
 import os
 import signal

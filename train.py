@@ -121,8 +121,10 @@ def run_training(args, rank, world, device, amp):
     """Resume or start, build the data, the models and the optimisers, and train to the end (or a stop)."""
     is_main = rank == 0
     resume, problem = find_checkpoint(args, device)
-    if problem:
-        fail(problem) if is_main else sys.exit(2)      # rank 0 alone checked the checkpoint, and says why
+    if problem:                             # rank 0 alone checked the checkpoint: it says why, all stop
+        if is_main:
+            fail(problem)
+        sys.exit(2)
     if done := completed(resume, args):
         if is_main:
             print(done)
