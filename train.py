@@ -113,7 +113,7 @@ def main(argv=None):
         if world == 1 or not (peer := lost_peer(e)):
             raise
         error_exit(f"rank {rank} lost {peer}: another process of this run ended (its own message, or torchrun's "
-                   f"report, says why). The last checkpoint in {args.output_dir} is intact: rerun the same "
+                   f"report, says why). The last checkpoint in {args.output_dir} (if any) is intact: rerun the same "
                    "command on every machine to resume")
 
 
