@@ -2,6 +2,7 @@
 a long run — a save cut short, a non-finite loss, SIGTERM (one process, or one of two torchrun ranks),
 and exact resume. CPU, on test_train's tiny shapes configuration (32 images, batch 8, 4 steps an epoch).
 """
+import datetime
 import errno
 import io
 import os
@@ -19,6 +20,7 @@ from PIL import Image
 
 import adios
 import checkpoint
+import run_setup
 import shapes
 import train
 from test_train import TINY, read_log
@@ -258,6 +260,17 @@ def test_resume_on_another_number_of_processes(capsys, one_step_run, tmp_path):
     copy_of(one_step_run, tmp_path, world_size=2)                        # 2 × 8: not the global batch 8
     capsys.readouterr()
     assert "global batch 16" in bad_input(capsys, tmp_path)
+
+
+def test_collective_timeout_reaches_the_process_group(monkeypatch):
+    # A machine switched off closes no connection: its peers wait this long in a collective, then end.
+    seen = {}
+    monkeypatch.setattr(run_setup.dist, "init_process_group", lambda backend, timeout=None: seen.update(t=timeout))
+    for key, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    args = train.parse_args(["--collective_timeout", "0.5", "--device", "cpu"])
+    assert run_setup.setup_distributed(args.device, args.collective_timeout)[:2] == (0, 2)
+    assert seen["t"] == datetime.timedelta(seconds=30)
 
 
 def folder(*flags):
