@@ -8,6 +8,7 @@ run without saving, so the last checkpoint is the last good state. README: "Read
 "When things go wrong".
 """
 import os
+import re
 import signal
 import sys
 
@@ -16,10 +17,18 @@ import torch.distributed as dist
 
 from adios import distributed_world
 
-# What a resumed run must share with the checkpoint: the model's shape, and what fixes which images a
-# step trains on (the step ↔ (epoch, image) mapping that an exact mid-epoch resume relies on).
-MUST_MATCH = ("arch", "num_masks", "img_size", "method", "mask_type", "mask_channels", "mask_norm", "mask_blocks",
-              "stem", "dataset", "num_images", "batch_size")
+# Two lists of train.py's flags (README "Stopping and resuming"). SHAPING flags fix what a run computes:
+# resuming compares each with the checkpoint's `args` and refuses on any difference (the batch as the
+# global batch). RUNNING flags only say how to run it and are free to change; `--epochs` is announced
+# (the schedule stretches). DEVICE flags follow the machine: a change is allowed and announced.
+SHAPING = ("dataset", "num_images", "data_version", "img_size", "jitter", "gpu_aug", "arch", "stem", "method",
+           "proj_hidden_dim", "pred_hidden_dim", "proj_output_dim", "temperature", "simsiam_unmasked",
+           "simsiam_masked_targets", "simsiam_both_masked", "no_gather", "num_masks", "single_mask", "alpha",
+           "alpha_entropy", "mask_lr", "mask_channels", "mask_norm", "mask_blocks", "mask_type", "batch_size", "lr",
+           "weight_decay", "optimizer", "warmup_epochs", "encoder_early_end", "classifier_lr", "sync_bn", "seed")
+RUNNING = ("epochs", "max_steps", "save_every", "resume", "dry_run", "data_dir", "download", "workers", "device",
+           "output_dir", "compile", "collective_timeout", "log_every")
+DEVICE = ("precision", "channels_last")
 
 
 def checkpoint_state(model, opt_enc, opt_mask, scaler, epoch, step, args):
@@ -55,34 +64,88 @@ def load_for_resume(path, args):
     if not isinstance(ckpt, dict) or not {"model", "optimizers", "epoch", "step", "args"} <= ckpt.keys():
         return None, (f"cannot resume: {path} is not a checkpoint of train.py; move it away or choose "
                       "another --output_dir")
-    for key in MUST_MATCH:                                    # (a key older checkpoints lack is not checked)
-        if key in ckpt["args"] and ckpt["args"][key] != getattr(args, key):
-            return None, (f"cannot resume: {path} was made with --{key} {ckpt['args'].get(key)}, this run has "
-                          f"{getattr(args, key)}; use the same value or another --output_dir")
-    if ckpt["args"].get("world_size", args.world_size) != args.world_size:     # the global batch, likewise
-        return None, (f"cannot resume: {path} was made by {ckpt['args']['world_size']} processes, this run has "
-                      f"{args.world_size}; use the same torchrun --nproc_per_node or another --output_dir")
+    if differences := shaping_differences(ckpt["args"], vars(args)):
+        return None, (f"cannot resume: {path} was made with other flags that shape the run: "
+                      f"{'; '.join(differences)}. Rerun with the checkpoint's values, or choose another --output_dir")
     return ckpt, None
 
 
-def find_checkpoint(args, device, announce=True):
+def shaping_differences(made, now):
+    """Each SHAPING flag whose value differs between the checkpoint's args `made` and this run's `now`, as
+    '--flag OLD (this run: NEW)'. The batch is compared as the global batch; another process count at that
+    batch is a difference too unless the run means the same (a key older checkpoints lack is not checked)."""
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)    # noqa: E731
+    found = [f"--{k} {show(made[k])} (this run: {show(now[k])})" for k in SHAPING
+             if k in made and k != "batch_size" and made[k] != now[k]]
+    world = made.get("world_size", now["world_size"])
+    if made["batch_size"] * world != now["batch_size"] * now["world_size"]:
+        found.append(f"global batch {made['batch_size'] * world} = --batch_size {made['batch_size']} × {world} "
+                     f"process(es) (this run: {now['batch_size'] * now['world_size']} = {now['batch_size']} × "
+                     f"{now['world_size']})")
+    elif world != now["world_size"] and (reason := not_the_same_on_other_counts(now)):
+        found.append(f"{world} process(es) (this run: {now['world_size']}; another count at the same global "
+                     f"batch is the same run only {reason})")
+    return found
+
+
+def not_the_same_on_other_counts(args):
+    """Why K processes at a global batch G would not compute what K' processes at G do, or None. The
+    images of each step are the same (data.py:ResumableSampler, seeded views); what else depends on K:"""
+    if not args["sync_bn"]:
+        return "with --sync_bn (BatchNorm over the global batch)"
+    if args["no_gather"] and args["method"] == "simclr":
+        return "without --no_gather (negatives from every process)"
+    if args["gpu_aug"]:
+        return "without --gpu_aug (its views are drawn per process)"
+    return None
+    return ckpt, None
+
+
+def find_checkpoint(args, device):
     """(the checkpoint in --output_dir this run continues from, or None; None, or one line why it cannot).
-    Every rank reads it, so every rank must see it (on several machines: a shared --output_dir)."""
-    path = os.path.join(args.output_dir, "checkpoint.pth")
-    found, missing = agree([os.path.exists(path), not os.path.exists(path)], device)
-    if found and missing:
-        return None, (f"--output_dir {args.output_dir}: some processes see {path} and others do not; put "
-                      "--output_dir on a filesystem every machine shares")
-    if not os.path.exists(path):
-        if args.resume and announce:
-            print(f"--resume: no checkpoint at {path} yet, starting from scratch")
-        return None, None
-    ckpt, problem = load_for_resume(path, args)
-    if ckpt is not None and announce:
-        made = ckpt["args"].get("epochs", args.epochs)     # a longer or shorter run stretches the schedule
-        other = f"; it was made with --epochs {made}, the schedule now spans {args.epochs}" if made != args.epochs else ""
-        print(f"resuming from {path}: epoch {ckpt['epoch']}, step {ckpt['step']}{other}")
+
+    Rank 0 alone reads and checks it and sends it to every rank, so only rank 0's --output_dir must hold it
+    (on several machines the run folder need not be shared). --resume requires one."""
+    rank, world = distributed_world()
+    ckpt = problem = None
+    if rank == 0:
+        path = os.path.join(args.output_dir, "checkpoint.pth")
+        if os.path.exists(path):
+            ckpt, problem = load_for_resume(path, args)
+        elif args.resume:
+            problem = (f"--resume: there is no checkpoint at {path}; check --output_dir, or leave out --resume "
+                       "to start a new run there")
+        if ckpt is not None:
+            print(f"resuming from {path}: epoch {ckpt['epoch']}, step {ckpt['step']}{changes(ckpt['args'], args)}")
+    if world > 1:
+        shared = [ckpt, problem]
+        dist.broadcast_object_list(shared, src=0, device=device if device.type == "cuda" else None)
+        ckpt, problem = shared
     return ckpt, problem
+
+
+def changes(made, args):
+    """What this run changes that a resume may change, said after the resume line (or '')."""
+    said = []
+    if made.get("epochs", args.epochs) != args.epochs:         # a longer or shorter run stretches the schedule
+        said.append(f"it was made with --epochs {made['epochs']}, the schedule now spans {args.epochs}")
+    for k in DEVICE:                                            # the numbers' format, not the run
+        if made.get(k, getattr(args, k)) != getattr(args, k):
+            said.append(f"--{k} {getattr(args, k)} on this machine (it was {made[k]})")
+    return "".join(f"; {s}" for s in said)
+
+
+def completed(ckpt, args):
+    """One line saying the run in this checkpoint is already done (nothing left to train), or None."""
+    if ckpt is None:
+        return None
+    if ckpt["epoch"] >= args.epochs:
+        return (f"complete: epoch {ckpt['epoch']} of {args.epochs}, step {ckpt['step']}, in {args.output_dir}; "
+                "nothing to train (a larger --epochs continues it, another --output_dir starts anew)")
+    if args.max_steps is not None and ckpt["step"] >= args.max_steps:
+        return (f"complete: step {ckpt['step']} of --max_steps {args.max_steps}, in {args.output_dir}; nothing "
+                "to train (a larger --max_steps continues it)")
+    return None
 
 
 # ---- stopping: signals, non-finite numbers --------------------------------------------------------
@@ -91,6 +154,16 @@ def error_exit(message):
     """A failure during the run (not the user's input): one line on stderr, exit code 1."""
     print(f"train.py: error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def lost_peer(error):
+    """'the process at HOST' (or 'a peer process') if `error` says a collective lost its peer, else None."""
+    text = str(error)
+    if not any(w in text for w in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "NCCL communicator was aborted", "Socket Timeout", "Connection refused")):
+        return None
+    host = re.search(r"\[([^\]]+)\]:(\d+)", text)
+    return f"the process at {host.group(1)} (port {host.group(2)})" if host else "a peer process"
 
 
 def catch_stop_signals():
@@ -102,8 +175,8 @@ def catch_stop_signals():
 
 
 def release(stop):
-    """Put the previous signal handlers back and leave the process group."""
-    for s, handler in stop["handlers"].items():
+    """Put the previous signal handlers back (if `stop` caught them) and leave the process group."""
+    for s, handler in (stop or {"handlers": {}})["handlers"].items():
         signal.signal(s, handler)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -96,7 +96,8 @@ def train_args_problem(args):
         return f"--batch_size {args.batch_size}: contrastive losses need at least 2 images per process"
     # Counts and rates out of range: named here rather than met later as a shape error or a NaN.
     if problem := below_minimum(args, dict(epochs=1, num_images=1, max_steps=1, proj_hidden_dim=1, pred_hidden_dim=1,
-                                           proj_output_dim=1, warmup_epochs=0, save_every=0, workers=0, log_every=1)):
+                                           proj_output_dim=1, warmup_epochs=0, save_every=0, workers=0, log_every=1,
+                                           collective_timeout=0.1)):
         return problem
     if not 0 <= args.encoder_early_end < args.epochs:
         return (f"--encoder_early_end {args.encoder_early_end}: must be at least 0 and below --epochs "

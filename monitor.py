@@ -32,8 +32,10 @@ def record_epoch(model, log, args, schedules, val_loader, fixed, device, amp):
 def print_config(args, device):
     """The resolved arguments, compactly, and what they imply (log.jsonl and the checkpoint hold them all)."""
     source = "the released recipe" if args.recipe else "defaults (no released run matches)"
-    print(f"train.py: {args.dataset} · {args.method} · {args.arch} from {source}; {args.world_size} process(es) "
-          f"on {device}, global batch {args.batch_size * args.world_size}, {args.precision}; output {args.output_dir}")
+    world, per_node = args.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
+    print(f"train.py: {args.dataset} · {args.method} · {args.arch} from {source}; {world // per_node} node(s) × "
+          f"{per_node} process(es) on {device}; batch {args.batch_size} per process, global batch "
+          f"{args.batch_size * world}; {args.precision}; output {args.output_dir}")
     flags = " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("recipe", "world_size"))
     print(textwrap.fill(flags.replace(", ", ","), width=110, initial_indent="  ", subsequent_indent="  "))
 

@@ -1,7 +1,10 @@
 """What train.py builds from its resolved arguments before training: the processes and the device,
 the autocast precision, the data, and the model (bench.py builds the same). README: "Reading guide".
 """
+import datetime
 import os
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -18,15 +21,18 @@ def fail(message):
     cli_checks.fail("train.py", message)
 
 
-def setup_distributed(device_arg):
-    """(rank, world size, device) from torchrun's environment; one process when RANK is not set."""
+def setup_distributed(device_arg, timeout_min=None):
+    """(rank, world size, device) from torchrun's environment; one process when RANK is not set. RANK and
+    WORLD_SIZE count every process of every machine; LOCAL_RANK picks this machine's GPU. timeout_min: how
+    long a collective waits for a process that stopped answering (default torch's: 10 min NCCL, 30 gloo)."""
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     return rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu")
 
 
@@ -45,23 +51,69 @@ def autocast_for(args, device):
 
 
 def build_data(args, device, world, is_main):
-    """(training loader of this rank's share, held-out split, number of classes), or one line and exit 2."""
+    """(training loader of this rank's share, held-out split, number of classes), or one line and exit 2.
+
+    No process waits alone: a --download runs on the first process of each machine that does not see rank
+    0's disk (sees_rank0_files), under a barrier that waits as long as a download takes; every process
+    checks its share of an image folder's files."""
+    # The start's waits on slow work (a download) may last up to 3 hours, not the default 10 or 30 minutes.
+    patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=3)) if world > 1 else None
     try:
-        if world > 1 and args.download and not is_main:      # rank 0 downloads, the others wait for it
-            dist.barrier()
-        loader = build_train_loader(args, device, download=args.download and is_main)
-        if world > 1 and args.download and is_main:
-            dist.barrier()
+        if world > 1 and args.download:
+            shared = sees_rank0_files(args.data_dir, patient)
+            downloader = int(os.environ.get("LOCAL_RANK", 0)) == 0 and (is_main or not shared)
+            loader = build_train_loader(args, device, download=downloader) if downloader else None
+            dist.barrier(group=patient)
+            loader = loader or build_train_loader(args, device, download=False)
+        else:
+            loader = build_train_loader(args, device, download=args.download)
         _, val_set, num_classes = data.build_eval_datasets(args.dataset, args.data_dir, args.img_size,
                                                            num_images=args.num_images, seed=args.seed)
-        if args.dataset in ("imagenet100", "imagefolder") and is_main:
-            print(f"checked {data.find_bad_images(args.data_dir)} images under {args.data_dir}")
+        if args.dataset in ("imagenet100", "imagefolder"):
+            checked = check_images_shared(args.data_dir, world, patient)
+            if is_main:
+                print(f"checked {checked} images under {args.data_dir}")
     except data.DataError as e:
         fail(str(e))
     if len(loader) == 0:
         fail(f"--batch_size {args.batch_size} × {world} processes exceeds the {len(loader.sampler.dataset)} "
              "training images: lower --batch_size")
     return loader, val_set, num_classes
+
+
+def check_images_shared(root, world, group):
+    """Every image file under root opened once, by K processes together (data.find_bad_images' share):
+    how many; the process that finds a bad one raises its DataError, the others exit 2 quietly."""
+    rank = dist.get_rank() if world > 1 else 0
+    problem, checked = None, 0
+    try:
+        checked = data.find_bad_images(root, share=(rank, world))
+    except data.DataError as e:
+        problem = e
+    if world > 1:
+        counts = torch.tensor([checked, problem is not None], dtype=torch.float64)
+        dist.all_reduce(counts, group=group)
+        checked, bad_somewhere = int(counts[0]), counts[1] > 0
+        if bad_somewhere and problem is None:
+            sys.exit(2)
+    if problem is not None:
+        raise problem
+    return checked
+
+
+def sees_rank0_files(folder, group):
+    """True if this process sees the file rank 0 has just made in `folder`: the disk is shared with rank 0's
+    machine (README "Many GPUs and many machines": the marker-file rule). Every process calls it."""
+    os.makedirs(folder, exist_ok=True)
+    name = [f".rank0-{os.getpid()}-{time.time_ns()}" if dist.get_rank() == 0 else None]
+    if name[0]:
+        open(os.path.join(folder, name[0]), "w").close()
+    dist.broadcast_object_list(name, src=0, group=group)
+    seen = os.path.exists(os.path.join(folder, name[0]))
+    dist.barrier(group=group)
+    if dist.get_rank() == 0:
+        os.remove(os.path.join(folder, name[0]))
+    return seen
 
 
 def build_train_loader(args, device, download):

@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+# The generator's version, stored in a run's arguments: a run folder made with other images is never
+# resumed or reported complete for these (raise it whenever render_shapes draws differently).
+VERSION = 1
 SHAPE_CLASSES = ("disc", "square", "triangle", "cross")
 SPLIT_IDS = {"train": 0, "test": 1}
 

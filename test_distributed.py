@@ -152,10 +152,13 @@ def layer_results(rank):
 TORCHRUN_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
-import adios, test_distributed, train
+import adios, run_setup, test_distributed, train
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.save(test_distributed.layer_results(rank), os.path.join({out!r}, f"layer{{rank}}.pth"))
+group = dist.new_group(backend="gloo")        # the marker-file rule: one disk for both, then one each
+disks = [run_setup.sees_rank0_files(os.path.join({out!r}, folder), group) for folder in ("shared", f"own{{rank}}")]
+torch.save(disks, os.path.join({out!r}, f"disks{{rank}}.pth"))
 
 torch.set_default_dtype(torch.float64)
 record, real_step, real_distribute = {{}}, train.adios_step, adios.ADIOS.distribute
@@ -285,6 +288,14 @@ def test_half_precision_input_keeps_its_dtype_and_float32_statistics(layer_ranks
         torch.testing.assert_close(got.double(), rank_share("2d-S4", out, rank), rtol=1e-2, atol=2e-2)
         # the statistics are float32's, not rounded to bfloat16's 3 significant digits
         torch.testing.assert_close(running_mean.double(), ref.running_mean, rtol=1e-6, atol=1e-6)
+
+
+def test_each_process_learns_whether_it_shares_rank_0s_disk(launch):
+    # run_setup.py:sees_rank0_files decides who downloads (--download): rank 0, and the first process of
+    # every machine whose disk does not hold rank 0's marker. Here: one shared folder, then one per rank.
+    seen = [torch.load(launch["out"] / f"disks{r}.pth") for r in range(2)]
+    assert seen == [[True, True], [True, False]], launch["stderr"][-3000:]
+    assert os.listdir(launch["out"] / "shared") == os.listdir(launch["out"] / "own0") == []   # markers removed
 
 
 def test_without_a_process_group_it_is_the_single_process_slot_batchnorm():

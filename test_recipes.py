@@ -240,5 +240,6 @@ def test_command_line_flag_wins_over_recipe(extra, key, value):
     assert released[key] != value                    # the flag really departs from the recipe
     recipe, got = train.main(argv), train.main([*argv, *extra])
     assert not mismatches(got, {key: value})
-    # nothing else moves: every other value is still the recipe's
-    assert {k: v for k, v in got.items() if k != key} == {k: v for k, v in recipe.items() if k != key}
+    # nothing else moves: every other value is still the recipe's (the default folder names a shaping flag)
+    assert {k: v for k, v in got.items() if k not in (key, "output_dir")} == {
+        k: v for k, v in recipe.items() if k not in (key, "output_dir")}

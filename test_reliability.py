@@ -2,9 +2,11 @@
 a long run — a save cut short, a non-finite loss, SIGTERM (one process, or one of two torchrun ranks),
 and exact resume. CPU, on test_train's tiny shapes configuration (32 images, batch 8, 4 steps an epoch).
 """
+import datetime
 import errno
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,9 @@ import torch
 from PIL import Image
 
 import adios
+import checkpoint
+import run_setup
+import shapes
 import train
 from test_train import TINY, read_log
 
@@ -178,15 +183,120 @@ def test_resume_with_an_incompatible_checkpoint(capsys, one_step_run, flags, say
     assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
 
 
-def test_resume_on_another_number_of_processes(capsys, one_step_run, tmp_path):
-    # The global batch fixes which images a step trained on: a mid-epoch resume on 4 GPUs of a 2-GPU run
-    # would skip the wrong ones, so it is refused like a different --batch_size.
-    state = ckpt(one_step_run)
-    assert state["args"]["world_size"] == 1
-    state["args"]["world_size"] = 2
-    (tmp_path / "out").mkdir()
+def copy_of(run_dir, tmp_path, **changed_args):
+    """A copy of a run folder as tmp_path/out, its checkpoint's args changed as given."""
+    shutil.copytree(run_dir, tmp_path / "out")
+    state = ckpt(tmp_path / "out")
+    state["args"].update(changed_args)
     torch.save(state, tmp_path / "out" / "checkpoint.pth")
-    assert "made by 2 processes, this run has 1" in bad_input(capsys, tmp_path)
+    return tmp_path / "out"
+
+
+def test_every_flag_is_either_shaping_or_running():
+    # A new flag must be put in one list: else a resume would silently ignore it, or refuse for nothing.
+    flags = {a.dest for a in train.get_args_parser()._actions if a.dest != "help"}
+    lists = [set(checkpoint.SHAPING), set(checkpoint.RUNNING), set(checkpoint.DEVICE)]
+    assert flags | {"data_version"} == set.union(*lists) and sum(map(len, lists)) == len(set.union(*lists))
+    assert {"max_steps", "save_every", "resume", "dry_run", "data_dir", "download", "workers", "device",
+            "output_dir", "epochs", "compile"} <= set(checkpoint.RUNNING)
+
+
+def test_changed_shaping_flags_are_refused_listing_each(capsys, one_step_run):
+    # The ablation that used to report the first run: same folder, other α and rate.
+    with pytest.raises(SystemExit) as e:
+        run(one_step_run, "--alpha", "0.5", "--lr", "1.0", "--jitter", "0", "0", "0", "0")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    for said in ("--alpha 1.0 (this run: 0.5)", "--lr 0.3 (this run: 1.0)",
+                 "--jitter 0.4 0.4 0.4 0.1 (this run: 0.0 0.0 0.0 0.0)", "checkpoint's values", "another --output_dir"):
+        assert said in err, err
+
+
+def test_another_shapes_generator_is_refused(capsys, one_step_run, tmp_path):
+    out = copy_of(one_step_run, tmp_path, data_version=0)
+    assert f"--data_version 0 (this run: {shapes.VERSION})" in bad_input(capsys, tmp_path)
+    assert len(read_log(out)) == 1                      # nothing trained
+
+
+def test_precision_change_is_allowed_and_announced(capsys, one_step_run, tmp_path):
+    out = copy_of(one_step_run, tmp_path)
+    assert run(out, "--max_steps", "2", "--precision", "bf16")["step"] == 2
+    assert "resuming from" in (said := capsys.readouterr().out) and "--precision bf16 on this machine (it was fp32)" in said
+
+
+def test_a_finished_run_says_complete_and_does_nothing(capsys, one_step_run, tmp_path):
+    out = copy_of(one_step_run, tmp_path)
+    before = (out / "checkpoint.pth").read_bytes(), (out / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert run(out, "--max_steps", "1")["complete"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("complete: step 1 of --max_steps 1"), lines
+    assert ((out / "checkpoint.pth").read_bytes(), (out / "log.jsonl").read_text()) == before
+
+
+def test_resume_flag_requires_a_checkpoint(capsys, tmp_path):
+    assert "--resume: there is no checkpoint at" in bad_input(capsys, tmp_path, "--resume")
+
+
+@pytest.mark.parametrize("made, now, says", [
+    (dict(world_size=2, batch_size=4), {}, None),                        # 2 × 4 = 1 × 8: the same global batch
+    (dict(world_size=2, batch_size=8), {}, "global batch 16 = --batch_size 8 × 2 process(es) (this run: 8 = 8 × 1)"),
+    (dict(world_size=2, batch_size=4, sync_bn=False), dict(sync_bn=False), "only with --sync_bn"),
+    (dict(world_size=4, batch_size=2, no_gather=True), dict(no_gather=True), "without --no_gather"),
+    (dict(world_size=2, batch_size=4, gpu_aug=True), dict(gpu_aug=True), "without --gpu_aug"),
+    (dict(world_size=2, batch_size=4, no_gather=True, method="byol"), dict(no_gather=True, method="byol"), None)])
+def test_another_process_count_at_the_same_global_batch(one_step_run, made, now, says):
+    # Each step trains on the same images whatever the count (the sampler's order, seeded views); the
+    # run means the same only where nothing else depends on the count.
+    made_args, now_args = {**ckpt(one_step_run)["args"], **made}, {**ckpt(one_step_run)["args"], **now}
+    found = checkpoint.shaping_differences(made_args, now_args)
+    assert found == [] if says is None else len(found) == 1 and says in found[0], found
+
+
+def test_resume_on_another_number_of_processes(capsys, one_step_run, tmp_path):
+    out = copy_of(one_step_run, tmp_path, world_size=2, batch_size=4)   # 2 × 4: resumed by 1 × 8
+    assert run(out, "--max_steps", "2")["step"] == 2
+    shutil.rmtree(out)
+    copy_of(one_step_run, tmp_path, world_size=2)                        # 2 × 8: not the global batch 8
+    capsys.readouterr()
+    assert "global batch 16" in bad_input(capsys, tmp_path)
+
+
+def test_collective_timeout_reaches_the_process_group(monkeypatch):
+    # A machine switched off closes no connection: its peers wait this long in a collective, then end.
+    seen = {}
+    monkeypatch.setattr(run_setup.dist, "init_process_group", lambda backend, timeout=None: seen.update(t=timeout))
+    for key, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    args = train.parse_args(["--collective_timeout", "0.5", "--device", "cpu"])
+    assert run_setup.setup_distributed(args.device, args.collective_timeout)[:2] == (0, 2)
+    assert seen["t"] == datetime.timedelta(seconds=30)
+
+
+def folder(*flags):
+    return train.main([*flags, "--dry_run"])["output_dir"]
+
+
+def test_default_folder_tells_configurations_apart():
+    assert folder() == os.path.join("runs", "shapes_simclr_resnet18")
+    assert folder("--alpha", "0.5") == os.path.join("runs", "shapes_simclr_resnet18_alpha0.5")
+    assert folder("--alpha", "0.5", "--lr", "1.0") == os.path.join("runs", "shapes_simclr_resnet18_alpha0.5_lr1.0")
+    assert folder("--alpha", "1.0", "--batch_size", "64") == folder()               # the recipe's own values
+    assert folder("--dataset", "stl10", "--batch_size", "128") == os.path.join("runs", "stl10_simclr_resnet18_batch128")
+    many = folder("--alpha", "0.5", "--lr", "1.0", "--mask_lr", "0.1", "--temperature", "0.3", "--weight_decay", "0")
+    assert many.startswith(os.path.join("runs", "shapes_simclr_resnet18_flags-")) and len(many) < 50
+    assert many != folder("--alpha", "0.5", "--lr", "1.0", "--mask_lr", "0.1", "--temperature", "0.3")
+
+
+def test_the_recipe_batch_is_the_global_batch(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")            # torchrun's, read before any process group exists
+    assert train.parse_args(["--dataset", "stl10"]).batch_size == 64                 # 256 / 4
+    assert train.parse_args(["--dataset", "stl10", "--batch_size", "32"]).batch_size == 32    # given: per process
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--dataset", "stl10"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "global batch 256 does not divide among 3" in err
 
 
 def test_resume_from_an_unreadable_checkpoint(capsys, tmp_path):
@@ -295,7 +405,7 @@ def assert_identical(a, b, where="checkpoint"):
         assert a == b, where
 
 
-def test_resume_at_an_epoch_boundary_is_bit_identical(tmp_path):
+def test_resume_at_an_epoch_boundary_is_bit_identical(tmp_path, capsys):
     # --max_steps stops at the end of epoch 0 with the 2-epoch LR schedule; `--epochs 1` would give
     # a 1-epoch cosine, a different run by design.
     one_go, split = tmp_path / "one_go", tmp_path / "split"
@@ -308,6 +418,10 @@ def test_resume_at_an_epoch_boundary_is_bit_identical(tmp_path):
     assert_identical({k: ckpt(split)[k] for k in keys}, {k: ckpt(one_go)[k] for k in keys})
     assert_identical(ckpt(one_go)["model"], ckpt(one_go, "checkpoint_epoch002.pth")["model"])
     assert ckpt(split)["step"] == 8 and [line["epoch"] for line in read_log(split)] == [0, 1]
+    capsys.readouterr()
+    assert run(split, "--epochs", "2")["complete"]                      # rerun: says so and trains nothing
+    assert capsys.readouterr().out.splitlines()[-1].startswith("complete: epoch 2 of 2, step 8")
+    assert ckpt(split)["step"] == 8 and len(read_log(split)) == 2
 
 
 @pytest.mark.parametrize("flags", [[], ["--workers", "2"], ["--gpu_aug", "--single_mask"]],
@@ -385,12 +499,48 @@ def worker_pid(parent, rank):
 
 
 def test_sigterm_to_one_torchrun_rank_leaves_a_loadable_checkpoint(tmp_path, launch):
+    # --max_restarts restarts workers that fail; these save and exit 0, so torchrun ends with success and
+    # nothing restarts them (README "Stopping and resuming"): the same command, rerun, continues.
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *TINY, "--epochs", "20", "--output_dir", str(out)]           # 2 steps an epoch on each rank
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=2",
+           "train.py", *TINY, "--epochs", "20", "--output_dir", str(out)]           # 2 steps an epoch on each rank
     proc = launch("ddp", cmd)
     wait_for_first_epoch(out, proc)
     os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)              # not rank 0, the one that saves
     rc, stdout, stderr = finish(tmp_path, "ddp", proc)
     assert rc == 0 and "stopped by signal" in stdout, stderr[-3000:]
-    assert 2 <= ckpt(out)["step"] < 40
+    assert 2 <= ckpt(out)["step"] < 40 and ckpt(out)["step"] == read_log(out)[-1]["step"]
+    assert stdout.count("train.py: shapes") == 1, stdout                 # started once: not restarted
+    assert "1 node(s) × 2 process(es) on cpu; batch 8 per process, global batch 16" in stdout
+
+
+FAILING_SAVE = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+if os.environ["RANK"] == "0":                                  # a full disk where rank 0 saves
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    torch.save = disk_full
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_failed_save_on_rank_0_ends_every_rank_in_seconds(tmp_path, launch):
+    # Rank 1 waits in the collective after the save; it must not wait there for the 30-minute timeout.
+    out, script = tmp_path / "out", tmp_path / "failing_save.py"
+    script.write_text(FAILING_SAVE.format(repo=REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *TINY, "--epochs", "20", "--output_dir", str(out)]
+    proc = launch("save", cmd)
+    deadline = time.time() + 180
+    while "cannot write" not in (tmp_path / "save.err").read_text():
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "save.err").read_text()[-3000:]
+        time.sleep(0.05)
+    failed_at = time.time()
+    rc, _, stderr = finish(tmp_path, "save", proc, timeout=60)
+    assert rc != 0 and time.time() - failed_at < 10
+    ours = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
+    assert "No space left on device" in ours[0] and "previous checkpoint is intact" in ours[0], stderr[-3000:]
+    assert all("lost" in line for line in ours[1:]) and "Traceback" not in stderr.split("torch/distributed/elastic")[0], stderr
+    assert not (out / "checkpoint.pth").exists()

@@ -2,18 +2,23 @@
 
     python train.py                                                    # CPU: ADIOS on the embedded shapes data
     python train.py --dataset stl10 --download                         # one GPU: the released STL10 SimCLR run
-    torchrun --nproc_per_node=4 train.py --dataset stl10 --batch_size 64   # four GPUs, the same global batch 256
+    torchrun --nproc_per_node=4 train.py --dataset stl10               # four GPUs: 64 each, the global batch 256
 
 --dataset, --method and --arch (and --img_size for ImageNet100) choose one of the released runs, whose
-every setting the recipe tables below fill in; a flag you give wins. --batch_size is per process. The run lives
-in --output_dir (default runs/<dataset>_<method>_<arch>...) and continues from its checkpoint.pth
-whenever there is one, so the same command, rerun or restarted by `torchrun --max_restarts`, picks up
-after a crash or SIGTERM. Read in this order: adios_step, train_one_epoch, main, end_of_epoch; then the
-recipes and arguments, and what builds the run. README: "Quickstart", "Recipes", "Reading the outputs".
+every setting the recipe tables below fill in; a flag you give wins. The recipe's batch is the global batch,
+divided among the processes; a --batch_size you give is per process. The run lives in --output_dir
+(default runs/<dataset>_<method>_<arch>..., plus the flags that set it apart from the recipe) and continues
+from its checkpoint.pth whenever there is one, if every flag that shapes the run (checkpoint.py:SHAPING) is
+the same; rerun the same command after a crash or a stop (SIGTERM saves and exits 0: nothing restarts it by
+itself, not even torchrun --max_restarts). Read in this order: adios_step, train_one_epoch, main,
+end_of_epoch; then the recipes and arguments, and what builds the run. README: "Quickstart", "Recipes",
+"Reading the outputs", "Stopping and resuming".
 """
 import argparse
+import hashlib
 import math
 import os
+import sys
 import time
 
 import torch
@@ -21,9 +26,10 @@ from tqdm import tqdm
 
 import cli_checks
 import data
+import shapes
 from adios import METHODS, byol_tau, distributed_world
-from checkpoint import (catch_stop_signals, checkpoint_state, error_exit, find_checkpoint, first_non_finite_weight,
-                        must_stop, release, save_checkpoint, stop_agreed)
+from checkpoint import (SHAPING, catch_stop_signals, checkpoint_state, completed, error_exit, find_checkpoint,
+                        first_non_finite_weight, lost_peer, must_stop, release, save_checkpoint, stop_agreed)
 from cli_checks import Parser, output_dir_problem, train_args_problem
 from encoders import ARCHS, STEMS
 from masker import NORMS
@@ -117,7 +123,7 @@ def check(avg, bar, stop, step, epoch, device):
 
 def main(argv=None):
     args = parse_args(argv)                  # recipes filled in; bad input answered in one line
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.collective_timeout)
     is_main, args.world_size = rank == 0, world
     amp = autocast_for(args, device)
     if is_main:
@@ -126,9 +132,29 @@ def main(argv=None):
         return vars(args)
     if problem := output_dir_problem(args.output_dir):
         fail(problem)
-    resume, problem = find_checkpoint(args, device, announce=is_main)
-    if problem:
-        fail(problem)
+    try:
+        return run_training(args, rank, world, device, amp)
+    except RuntimeError as e:                # a collective failed: another process or machine has ended
+        if world == 1 or not (peer := lost_peer(e)):
+            raise
+        error_exit(f"rank {rank} lost {peer}: another process of this run ended (its own message, or torchrun's "
+                   f"report, says why). The last checkpoint in {args.output_dir} (if any) is intact: rerun the same "
+                   "command on every machine to resume")
+
+
+def run_training(args, rank, world, device, amp):
+    """Resume or start, build the data, the models and the optimisers, and train to the end (or a stop)."""
+    is_main = rank == 0
+    resume, problem = find_checkpoint(args, device)
+    if problem:                             # rank 0 alone checked the checkpoint: it says why, all stop
+        if is_main:
+            fail(problem)
+        sys.exit(2)
+    if done := completed(resume, args):
+        if is_main:
+            print(done)
+        release(None)
+        return dict(epoch=resume["epoch"] - 1, step=resume["step"], complete=True)
 
     # ---- data ----
     loader, val_set, num_classes = build_data(args, device, world, is_main)
@@ -334,7 +360,8 @@ def get_args_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S)
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many iterations (smoke runs)")
-    g.add_argument("--batch_size", type=int, default=S, help="images per process")
+    g.add_argument("--batch_size", type=int, default=S, help="images per process (default: the recipe's "
+                   "batch, a global batch, divided among the processes)")
     g.add_argument("--lr", type=float, default=S, help="encoder base learning rate (after warmup)")
     g.add_argument("--weight_decay", type=float, default=S, help="both players (not biases, norms)")
     g.add_argument("--optimizer", default=S, choices=("sgd", "lars"), help="SGD momentum 0.9, or LARS (η 0.02)")
@@ -352,11 +379,15 @@ def get_args_parser():
     g.add_argument("--sync_bn", action=on_off, default=True,
                    help="with several processes, BatchNorm statistics over the global batch, still per slot "
                         "(encoders.SlotSyncBatchNorm); --no-sync_bn keeps each process's own")
+    g.add_argument("--collective_timeout", type=float, default=None, metavar="MIN", help="with several "
+                   "processes, minutes a collective waits for one that stopped answering (a machine powered off) "
+                   "before the run ends (default torch's: 10 for NCCL, 30 for gloo); above an epoch-end's evaluation")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output_dir", default=None, help="default: runs/<dataset>_<method>_<arch>, plus what else "
-                   "sets the run apart (mask scheme, image size, seed)")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth (automatic "
-                   "whenever it exists; this flag only says so when it does not)")
+                   "sets the run apart (mask scheme, image size, seed, then each shaping flag unlike the recipe's)")
+    g.add_argument("--resume", action="store_true", help="require a checkpoint to continue: without "
+                   "OUTPUT_DIR/checkpoint.pth, stop in one line instead of starting anew (with or without it, a "
+                   "run continues its checkpoint when every shaping flag matches)")
     g.add_argument("--save_every", type=int, default=0, help="also keep checkpoint_epochNNN.pth every K epochs")
     g.add_argument("--log_every", type=int, default=None, help="read the step statistics (NaN check, progress bar, "
                    "stop agreement between processes) every K steps, the host waiting for the GPU only then "
@@ -374,9 +405,17 @@ def parse_args(argv):
 
 
 def resolve_args(args):
-    """Fill every flag the user did not give: from the matching released run if any, else DEFAULTS."""
+    """Fill every flag the user did not give: from the matching released run if any, else DEFAULTS. The
+    recipe's (or the default) batch is the global batch: divided among torchrun's WORLD_SIZE processes."""
     given = vars(args)
     recipe = recipe_for(args.dataset, args.method, args.arch, given.get("img_size"))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if "batch_size" not in given:
+        batch = recipe.get("batch_size", DEFAULTS["batch_size"])
+        if batch % world:
+            fail(f"the global batch {batch} does not divide among {world} processes: give --batch_size, the "
+                 f"images per process (e.g. {max(batch // world, 2)}, a global batch of {max(batch // world, 2) * world})")
+        given["batch_size"] = batch // world
     for key, value in {**DEFAULTS, **recipe}.items():
         given.setdefault(key, value)
     args.recipe = bool(recipe)
@@ -394,6 +433,7 @@ def resolve_args(args):
         args.workers = default_workers()
     if args.mask_type != "adios":
         args.num_masks = 1          # fixed random/block masks: one slot, the hidden part
+    args.data_version = shapes.VERSION if args.dataset == "shapes" else None     # compared on resume
     if args.output_dir is None:
         args.output_dir = default_output_dir(args)
     return args
@@ -401,7 +441,8 @@ def resolve_args(args):
 
 def default_output_dir(args):
     """runs/<dataset>_<method>_<arch>, plus what else sets the run apart: runs/shapes_simclr_resnet18,
-    runs/stl10_byol_resnet18_base (N = 0), runs/imagenet100-96px_simclr_resnet18_adios-s_seed1, ..."""
+    runs/stl10_byol_resnet18_base (N = 0), runs/imagenet100-96px_simclr_resnet18_adios-s_seed1, then each
+    shaping flag (checkpoint.py:SHAPING) that differs from the recipe: runs/shapes_simclr_resnet18_alpha0.5."""
     name = [args.dataset, args.method, args.arch]
     if args.img_size != data.DATASETS.get(args.dataset, {}).get("img_size", args.img_size):
         name[0] += f"-{args.img_size}px"
@@ -413,7 +454,31 @@ def default_output_dir(args):
         name.append("adios-s")
     if args.seed:
         name.append(f"seed{args.seed}")
-    return os.path.join("runs", "_".join(name))
+    return os.path.join("runs", "_".join(name + flags_apart_from_recipe(args)))
+
+
+def flags_apart_from_recipe(args):
+    """The shaping flags whose value is not the recipe's for this dataset, method, arch, size, mask scheme
+    and seed (those already name the folder), each as a short word: ['alpha0.5', 'lr1.0'], or one
+    'flags-<hash>' word if they would make a long name."""
+    same = ["--dataset", args.dataset, "--method", args.method, "--arch", args.arch, "--img_size", str(args.img_size),
+            "--mask_type", args.mask_type, "--seed", str(args.seed), "--output_dir", "-", "--batch_size", "2"]
+    same += ["--num_masks", "0"] if args.num_masks == 0 else ["--single_mask"] if args.single_mask else []
+    recipe = vars(resolve_args(get_args_parser().parse_args(same)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    usual_batch = recipe_for(args.dataset, args.method, args.arch, args.img_size).get("batch_size", DEFAULTS["batch_size"])
+    words = [f"batch{args.batch_size * world}"] if args.batch_size * world != usual_batch else []   # global
+    for k in SHAPING:
+        value, usual = getattr(args, k), recipe[k]
+        if value != usual and k not in ("dataset", "method", "arch", "img_size", "mask_type", "seed", "batch_size"):
+            if isinstance(value, bool):
+                words.append(k if value else f"no-{k}")
+            else:
+                shown = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+                words.append(f"{k}{shown}")
+    if len("_".join(words)) > 48:
+        words = ["flags-" + hashlib.sha1(" ".join(words).encode()).hexdigest()[:8]]
+    return words
 
 
 def default_workers():
