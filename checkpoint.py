@@ -98,7 +98,6 @@ def not_the_same_on_other_counts(args):
     if args["gpu_aug"]:
         return "without --gpu_aug (its views are drawn per process)"
     return None
-    return ckpt, None
 
 
 def find_checkpoint(args, device):

@@ -27,14 +27,6 @@ IMG, N, C = 32, 3, 8                       # small runs: 32-px images (64 for AD
 PROJ, OUT, PRED, CLASSES = 64, 32, 48, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- the released modules, by the released definitions -----------------------------------------------
 
 class UNet(nn.Module):
