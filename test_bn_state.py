@@ -6,7 +6,6 @@ README: "BatchNorm state".
 import contextlib
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 import eval_linear
 import train
+from test_adios import free_port         # one free localhost port for the gloo processes
 from adios import ADIOS, byol_loss, normalised_and_gathered, released_order, simclr_loss, simsiam_loss, sparsity_penalty
 from encoders import (SlotBatchNormMixin, apply_statistics, convert_to_slot_batchnorm, deferred_statistics,
                       slot_statistics)
@@ -308,12 +308,6 @@ def test_byol_masker_step_without_the_masked_target_pass_has_the_same_gradients(
 
 
 # ---- SimCLR: the clean projection gathered once per step (two gloo processes) --------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _gather_once_worker(rank, world, port, z_a, z_bms, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
