@@ -1,8 +1,10 @@
 """shapes: the embedded synthetic dataset with known objects, drawn on the fly (no files, no download).
 
-One to three discs, squares, triangles or crosses on a textured background; the label is the class of
-the object with the most visible pixels, and every image comes with its true object map, so the
-masks ADIOS learns can be scored against the objects (README: "Evidence on shapes").
+One large disc, square, triangle or cross with one small distractor drawn over it, on a flat grey
+background; the label is the class of the large object (the one with the most visible pixels), and every
+image comes with its true object map, so the masks ADIOS learns can be scored against the objects
+(README: "Evidence on shapes"). Both objects are near-grey, on the other side of the background's
+brightness: no colour or texture tells the classes apart, only the outline does.
 """
 import numpy as np
 import torch
@@ -10,21 +12,14 @@ from PIL import Image
 
 # The generator's version, stored in a run's arguments: a run folder made with other images is never
 # resumed or reported complete for these (raise it whenever render_shapes draws differently).
-VERSION = 1
+VERSION = 2
 SHAPE_CLASSES = ("disc", "square", "triangle", "cross")
 SPLIT_IDS = {"train": 0, "test": 1}
 
 
-def _background(rng, yy, xx, size):
-    """A random colour gradient plus coloured stripes, so that 'flat colour = background' is no shortcut."""
-    colour_a, colour_b = rng.uniform(0.15, 0.85, size=(2, 3))
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.clip(((xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle)) / size + 0.5, 0, 1)
-    img = colour_a + t[..., None] * (colour_b - colour_a)  # (H, W, 3)
-    cycles, stripe_angle, phase = rng.uniform(2, 6), rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)
-    along = (xx * np.cos(stripe_angle) + yy * np.sin(stripe_angle)) / size
-    stripes = np.sin(2 * np.pi * cycles * along + phase)  # (H, W)
-    return img + 0.1 * stripes[..., None] * rng.uniform(-1, 1, size=3)  # (H, W, 3)
+def _near_grey(rng, level):
+    """An RGB colour (3,) of brightness `level` with a faint tint: grey enough that colour is no cue."""
+    return np.clip(level + rng.uniform(-0.04, 0.04, size=3), 0, 1)
 
 
 def _shape_mask(kind, dy, dx, r, angle):
@@ -57,27 +52,30 @@ def render_shapes(seed, split_id, index, img_size):
     """
     rng = np.random.default_rng([seed, split_id, index])
     yy, xx = np.mgrid[0:img_size, 0:img_size] + 0.5  # pixel centres, (H, W) each
-    img = _background(rng, yy, xx, img_size)  # (H, W, 3) floats
+    background = rng.uniform(0.3, 0.7)  # flat grey level
+    side = -1.0 if background > 0.5 else 1.0  # the objects sit on the other side of mid-grey
+    img = np.full((img_size, img_size, 3), background)  # (H, W, 3) floats
     object_map = np.zeros((img_size, img_size), dtype=np.int64)
-    kinds = rng.integers(0, len(SHAPE_CLASSES), size=rng.integers(1, 4))  # one to three objects
-    for k, kind in enumerate(kinds, start=1):
-        # The first object is big (14-20 px across at 32 px) and drawn first; the others are smaller
-        # distractors (8-12 px) drawn over it. So one object usually dominates (a clear label) and is often
-        # partly occluded, and every object still counts for the object map.
-        r = (rng.uniform(7, 10) if k == 1 else rng.uniform(4, 6)) * img_size / 32
-        cy, cx = rng.uniform(r, img_size - r, size=2)
-        mask = _shape_mask(kind, yy - cy, xx - cx, r, rng.uniform(0, 2 * np.pi))
-        # Of three random colours take the one farthest from the background under the centre: always visible.
-        candidates = rng.uniform(0, 1, size=(3, 3))
-        local = img[int(cy), int(cx)]
-        img[mask] = candidates[np.abs(candidates - local).sum(1).argmax()]
-        object_map[mask] = k  # later objects occlude earlier ones
+    kinds = rng.integers(0, len(SHAPE_CLASSES), size=2)  # the large object, then the distractor
+    # The large object (20-26 px across at 32 px) carries the label; the distractor (8-12 px) is drawn over
+    # it, centred inside it, so it always occludes part of it yet never covers the most pixels (at most
+    # 113 of the large object's >= 314). Contrast: large 0.3-0.45 from the background, distractor 0.1-0.2
+    # (same side), so each stands apart from the other and from the background.
+    r_big = rng.uniform(10, 13) * img_size / 32
+    cy, cx = rng.uniform(r_big, img_size - r_big, size=2)
+    for k, (r, contrast) in enumerate([(r_big, rng.uniform(0.3, 0.45)),
+                                       (rng.uniform(4, 6) * img_size / 32, rng.uniform(0.1, 0.2))], start=1):
+        if k == 2:  # the distractor's centre: anywhere within half the large object's radius of its centre
+            cy, cx = np.array([cy, cx]) + rng.uniform(-0.5, 0.5, size=2) * r_big
+        mask = _shape_mask(kinds[k - 1], yy - cy, xx - cx, r, rng.uniform(0, 2 * np.pi))
+        img[mask] = _near_grey(rng, background + side * contrast)
+        object_map[mask] = k  # the distractor occludes the large object
     img = img + rng.normal(0, 0.03, size=img.shape)  # pixel noise
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), object_map, kinds
 
 
 class Shapes(torch.utils.data.Dataset):
-    """One to three shapes on a textured background; label = class of the object with most visible pixels.
+    """A large shape and a small distractor on flat grey; label = class of the object with most visible pixels.
 
     Images are generated from (seed, split, index) when asked for: no files, and image i never changes.
     """

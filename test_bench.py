@@ -125,3 +125,19 @@ def test_syncs_counts_the_host_waits_of_train_loop(capsys):
     assert result["between_checks"] == 0 and result["at_checks"] == 1
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["per_iteration"] == result["per_iteration"]
+
+
+def test_cpu_figures_keep_their_ground(monkeypatch):
+    """`python bench.py --device cpu` times ResNet18 at 32 px, batch 64, N 4, c 16 (README's "Performance"
+    figures), whatever the CPU demo's defaults become; a flag given still wins."""
+    import train
+    monkeypatch.setitem(train.SHAPES_DEFAULTS, "num_masks", 3)          # a demo that changed
+    monkeypatch.setitem(train.SHAPES_DEFAULTS, "batch_size", 16)
+    seen = []
+    monkeypatch.setattr(bench, "bench_iteration", lambda a, device: seen.append(bench.train_args(a, device)) or {})
+    bench.main(["--device", "cpu", "--threads", "1"])
+    bench.main(["--device", "cpu", "--threads", "1", "--num_masks", "2"])
+    ground, given = seen
+    assert (ground.img_size, ground.stem, ground.batch_size, ground.num_masks, ground.mask_channels) == \
+        (32, "standard", 64, 4, 16)
+    assert given.num_masks == 2 and given.batch_size == 64

@@ -43,16 +43,22 @@ def test_shapes_label_is_largest_visible_object():
 
 
 def test_object_map():
+    """Every image: a large object (1) with a smaller distractor (2) drawn over it, near-grey on the other side
+    of mid-grey from a flat grey background that stays visible."""
     shapes = data.Shapes("test", img_size=48)
-    seen = set()
     for i in range(100):
-        object_map = shapes.object_map(i)
+        img, object_map, _ = shapes.render(i)
         assert object_map.dtype == np.int64 and object_map.shape == (48, 48)
-        objects = set(np.unique(object_map)) - {0}
-        assert 1 <= len(objects) <= 3 and objects <= {1, 2, 3}
-        assert (object_map == 0).mean() > 0.2  # background stays visible
-        seen.add(len(objects))
-    assert seen == {1, 2, 3}
+        assert set(np.unique(object_map)) == {0, 1, 2}
+        assert (object_map == 1).sum() > (object_map == 2).sum()       # the large one keeps the most pixels
+        assert (object_map == 0).mean() > 0.2                           # background stays visible
+        touching = np.zeros_like(object_map, dtype=bool)                # pixels next to the large object
+        big = object_map == 1
+        touching[1:] |= big[:-1]; touching[:-1] |= big[1:]; touching[:, 1:] |= big[:, :-1]; touching[:, :-1] |= big[:, 1:]
+        assert (touching & (object_map == 2)).any()                     # the distractor lies over it
+        background, large = img[object_map == 0] / 255, img[object_map == 1] / 255     # (P, 3) each
+        assert background.std() < 0.05                                  # flat: only the pixel noise
+        assert (background.mean() - 0.5) * (large.mean() - 0.5) < 0     # opposite sides of mid-grey
 
 
 def test_shapes_classes_balanced_and_fast():

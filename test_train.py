@@ -204,9 +204,26 @@ def test_fp16_with_gradient_scaling_and_gpu_augmentation(tmp_path):
 def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert train.default_workers() == 16                  # one GPU on a 16-core host: every core
+    assert train.default_workers("cuda") == 16            # one GPU on a 16-core host: every core
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")           # torchrun --nproc_per_node=4
-    assert train.default_workers() == 4
+    assert train.default_workers("cuda") == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
-    assert train.default_workers() == 1
+    assert train.default_workers("cuda") == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train.default_workers("cpu") == 1              # training on the CPU: the cores compute, one worker loads
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    assert train.default_workers(None) == 1               # no --device and no GPU: the CPU
     assert train.main([*TINY[:4], "--dry_run"])["workers"] == 1    # what --workers means when not given
+
+
+def test_the_demo_defaults_are_the_cpu_demo_only():
+    """shapes without a recipe gets SHAPES_DEFAULTS (N = 2, 10 epochs) in its plain default folder; a flag
+    given wins and names the folder; a dataset with a released recipe never sees them."""
+    demo = train.main(["--dry_run"])
+    assert (demo["num_masks"], demo["epochs"], demo["batch_size"]) == (2, 10, 64)
+    assert demo["output_dir"] == os.path.join("runs", "shapes_simclr_resnet18")
+    given = train.main(["--num_masks", "4", "--epochs", "6", "--dry_run"])
+    assert (given["num_masks"], given["epochs"]) == (4, 6)
+    assert given["output_dir"] == os.path.join("runs", "shapes_simclr_resnet18_num_masks4")   # epochs: running
+    cifar = train.main(["--dataset", "cifar10", "--dry_run"])
+    assert (cifar["num_masks"], cifar["epochs"]) == (train.DEFAULTS["num_masks"], train.DEFAULTS["epochs"])

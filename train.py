@@ -294,6 +294,9 @@ DEFAULTS = dict(epochs=6, batch_size=64, lr=0.3, mask_lr=0.05, weight_decay=1e-5
                 pred_hidden_dim=None, proj_output_dim=128, simsiam_unmasked=False, simsiam_masked_targets=False,
                 simsiam_both_masked=False, jitter=None, optimizer="lars", warmup_epochs=1, encoder_early_end=0,
                 img_size=None, stem=None)
+# The CPU demo (shapes, no recipe) trains in ≤ 10 minutes on 2 cores: two masks buy the epochs its probe
+# needs to rise (README, "Evidence on shapes"); anything given on the command line wins.
+SHAPES_DEFAULTS = dict(epochs=10, num_masks=2)
 
 
 def recipe_for(dataset, method, arch, img_size):
@@ -310,6 +313,14 @@ def recipe_for(dataset, method, arch, img_size):
 
 
 # ---- arguments -----------------------------------------------------------------------------------
+
+def settings_for(dataset, method, arch, img_size):
+    """({flag: value} for every flag not given, whether a released run matched): the matching released run's
+    values, else the CPU demo's (shapes), else DEFAULTS."""
+    recipe = recipe_for(dataset, method, arch, img_size)
+    demo = SHAPES_DEFAULTS if dataset == "shapes" and not recipe else {}
+    return {**DEFAULTS, **demo, **recipe}, bool(recipe)
+
 
 def get_args_parser():
     p = Parser("train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -408,17 +419,16 @@ def resolve_args(args):
     """Fill every flag the user did not give: from the matching released run if any, else DEFAULTS. The
     recipe's (or the default) batch is the global batch: divided among torchrun's WORLD_SIZE processes."""
     given = vars(args)
-    recipe = recipe_for(args.dataset, args.method, args.arch, given.get("img_size"))
+    usual, args.recipe = settings_for(args.dataset, args.method, args.arch, given.get("img_size"))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if "batch_size" not in given:
-        batch = recipe.get("batch_size", DEFAULTS["batch_size"])
+        batch = usual["batch_size"]
         if batch % world:
             fail(f"the global batch {batch} does not divide among {world} processes: give --batch_size, the "
                  f"images per process (e.g. {max(batch // world, 2)}, a global batch of {max(batch // world, 2) * world})")
         given["batch_size"] = batch // world
-    for key, value in {**DEFAULTS, **recipe}.items():
+    for key, value in usual.items():
         given.setdefault(key, value)
-    args.recipe = bool(recipe)
     info = data.DATASETS.get(args.dataset, {})
     if args.img_size is None:
         args.img_size = info.get("img_size", 0)
@@ -430,7 +440,7 @@ def resolve_args(args):
         args.stem = "standard"
     args.stem = args.stem or "auto"
     if args.workers is None:
-        args.workers = default_workers()
+        args.workers = default_workers(args.device)
     if args.mask_type != "adios":
         args.num_masks = 1          # fixed random/block masks: one slot, the hidden part
     args.data_version = shapes.VERSION if args.dataset == "shapes" else None     # compared on resume
@@ -466,7 +476,7 @@ def flags_apart_from_recipe(args):
     same += ["--num_masks", "0"] if args.num_masks == 0 else ["--single_mask"] if args.single_mask else []
     recipe = vars(resolve_args(get_args_parser().parse_args(same)))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    usual_batch = recipe_for(args.dataset, args.method, args.arch, args.img_size).get("batch_size", DEFAULTS["batch_size"])
+    usual_batch = settings_for(args.dataset, args.method, args.arch, args.img_size)[0]["batch_size"]
     words = [f"batch{args.batch_size * world}"] if args.batch_size * world != usual_batch else []   # global
     for k in SHAPING:
         value, usual = getattr(args, k), recipe[k]
@@ -481,9 +491,12 @@ def flags_apart_from_recipe(args):
     return words
 
 
-def default_workers():
-    """This machine's cores over the processes torchrun started on it: PIL augmentation is what limits a
-    GPU run's input pipeline, so it gets every core (2 workers on a 2-core CPU)."""
+def default_workers(device):
+    """On a GPU, this machine's cores over the processes torchrun started on it: PIL augmentation is what
+    limits a GPU run's input pipeline, so it gets every core. On the CPU the training itself needs the
+    cores: one worker (on 2 cores, 2 workers made the demo's steps 25 % slower: README, "Performance")."""
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
