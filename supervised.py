@@ -4,15 +4,14 @@
     python eval_linear.py --ckpt runs/shapes_supervised_resnet18/checkpoint.pth --dataset shapes --knn
 
 It takes train.py's flags and defaults, so a run here and `python train.py` with the same flags share the
-encoder (--arch, --img_size, --stem), the images and their two views per image, the epochs, the batch, the
-optimiser and its warmup-cosine schedule, and the seed. Only the objective differs: cross-entropy of a
-linear head on both views' features instead of the self-supervised loss, and no masks. It writes
+encoder (--arch, --img_size, --stem), the images and their two views per image, the epochs (and
+--max_steps), the batch, the warmup-cosine schedule and the seed. What differs: cross-entropy of a linear
+head on both views' features instead of the self-supervised loss, no masks, and AdamW instead of LARS. It writes
 checkpoint.pth with the `encoder` and `args` keys eval_linear.py reads, so the ceiling is scored by the
 same frozen-feature probe and kNN as every other row (README, "Evidence on shapes").
 """
 import json
 import os
-import sys
 import time
 
 import torch
@@ -24,7 +23,8 @@ import data
 import optim
 import train
 from checkpoint import save_checkpoint
-from cli_checks import train_args_problem
+import cli_checks
+from cli_checks import output_dir_problem, train_args_problem
 from encoders import build_encoder
 from run_setup import build_train_loader
 
@@ -39,17 +39,24 @@ def parse_args(argv):
     args = train.get_args_parser().parse_args(argv)
     named = args.output_dir is not None
     if "optimizer" in vars(args):
-        train.fail("--optimizer: supervised.py always trains with AdamW (the flag is train.py's); drop it")
+        fail("--optimizer: supervised.py always trains with AdamW (the flag is train.py's); drop it")
     for key, value in {**SUPERVISED, "optimizer": "adamw"}.items():      # unless given
         vars(args).setdefault(key, value)
     args = train.resolve_args(args)
     if problem := train_args_problem(args):
-        train.fail(problem)
+        fail(problem)
     if not named:
         args.output_dir = os.path.join("runs", f"{args.dataset}_supervised_{args.arch}"
                                        + (f"_seed{args.seed}" if args.seed else ""))
     args.method, args.num_masks = "supervised", 0        # what the checkpoint's args say it is
+    if problem := output_dir_problem(args.output_dir):
+        fail(problem)
     return args
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit code 2, before any work starts."""
+    cli_checks.fail("supervised.py", message)
 
 
 @torch.no_grad()
@@ -67,13 +74,14 @@ def held_out_top1(encoder, head, loader, device):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(args.output_dir, exist_ok=True)
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    open(log_path, "w").close()                           # a new run: no resume here
     try:
         loader = build_train_loader(args, device, download=args.download)            # ((x_a, x_b), labels)
         _, val_set, num_classes = data.build_eval_datasets(args.dataset, args.data_dir, args.img_size,
                                                            num_images=args.num_images, seed=args.seed)
     except data.DataError as e:
-        train.fail(str(e))
+        fail(str(e))
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(args.workers, 2))
 
     torch.manual_seed(args.seed)
@@ -89,9 +97,13 @@ def main(argv=None):
 
     step, start = 0, time.time()
     for epoch in range(args.epochs):
+        if step >= schedule["last_step"]:                          # --max_steps
+            break
         loader.sampler.set_epoch(epoch)
-        total_loss = torch.zeros((), device=device)
+        total_loss, first = torch.zeros((), device=device), step
         for (x_a, x_b), labels in tqdm(loader, desc=f"epoch {epoch}", leave=False):
+            if step >= schedule["last_step"]:
+                break
             optim.set_learning_rates(opt, step, **schedule["encoder"])
             x = torch.cat([x_a, x_b]).to(device)                   # (2B, 3, H, W): both views, as pretraining
             y = labels.to(device).repeat(2)                         # (2B,)
@@ -102,9 +114,9 @@ def main(argv=None):
             total_loss += loss.detach()
             step += 1
         top1 = held_out_top1(encoder, head, val_loader, device)
-        log = dict(epoch=epoch, step=step, loss=total_loss.item() / len(loader), test_top1=top1,
+        log = dict(epoch=epoch, step=step, loss=total_loss.item() / (step - first), test_top1=top1,
                    seconds=round(time.time() - start, 1))
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+        with open(log_path, "a") as f:
             f.write(json.dumps(log) + "\n")
         print(f"epoch {epoch + 1}/{args.epochs}  loss {log['loss']:.3f}  held-out top-1 {top1:.1f} %  "
               f"{log['seconds']:.0f} s")
@@ -115,4 +127,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -15,6 +15,7 @@ from PIL import Image
 import bench
 import eval_linear
 import show_masks
+import supervised
 import train
 
 ROOT = pathlib.Path(__file__).parent
@@ -93,6 +94,8 @@ def test_readme_command(program, argv, tmp_path, request):
             assert torch.load(pathlib.Path(out) / "masks.pt", weights_only=True)["masks"].shape[0] == 2
     elif program == "bench.py":
         bench.get_args_parser().parse_args(argv)
+    elif program == "supervised.py":
+        supervised.parse_args(argv)                             # validates every flag (test_supervised.py runs it)
     else:
         pytest.fail(f"README runs {program}, which no test checks")
 

@@ -167,14 +167,14 @@ def test_download_that_fails_offline(capsys, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_step_run(tmp_path_factory):
-    """An output directory holding the checkpoint of a one-step run (N = 4, resnet18, 32 px)."""
+    """An output directory holding the checkpoint of a one-step run (N = 2, resnet18, 32 px)."""
     out = tmp_path_factory.mktemp("one_step") / "out"
     run(out, "--max_steps", "1")
     return out
 
 
 @pytest.mark.parametrize("flags, says", [(["--arch", "resnet50"], "--arch resnet18"),
-                                         (["--num_masks", "3"], "--num_masks 4"),
+                                         (["--num_masks", "3"], "--num_masks 2"),
                                          (["--img_size", "64"], "--img_size 32")])
 def test_resume_with_an_incompatible_checkpoint(capsys, one_step_run, flags, says):
     with pytest.raises(SystemExit) as e:
