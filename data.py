@@ -32,12 +32,13 @@ class DataError(ValueError):
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)  # as the released code, for STL10 too
 # 0.228, not torchvision's 0.229: the released value, kept so that the numbers match the released runs.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
-# Measured over the first 2048 training images of Shapes(seed=0) at 32 px (the statistics barely move with size).
+# Measured over the first 2048 training images of Shapes(seed=0) at 32 px, data version 2 (shapes.VERSION;
+# the statistics barely move with size).
 SHAPES_MEAN, SHAPES_STD = (0.500, 0.500, 0.499), (0.189, 0.189, 0.189)
 
 DATASETS = {
-    # Milder views for the CPU demo: with the paper's jitter (0.8, 0.8, 0.8, 0.2) SimCLR's loss on shapes
-    # stayed at chance level through the demo's first epochs; with these it learns (README, "Evidence").
+    # Milder views for the CPU demo (docs/demo_design.md): with the paper's jitter (0.8, 0.8, 0.8, 0.2)
+    # SimCLR's loss stayed at chance through the first epochs; crops of 50-100 % keep the large shape in view.
     "shapes": dict(img_size=32, mean=SHAPES_MEAN, std=SHAPES_STD, num_classes=4,
                    jitter=(0.4, 0.4, 0.4, 0.1), crop_scale=(0.5, 1.0)),
     "stl10": dict(img_size=96, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10),

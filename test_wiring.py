@@ -193,7 +193,7 @@ def test_probe_standardisation_is_fitted_on_train_and_applied_unchanged():
 
 def test_gpu_augment_honours_its_crop_scale():
     # Scale (1, 1): RandomResizedCrop finds no box of area 1 with a ratio ≠ 1 and keeps the whole image,
-    # flipped or not. The loader train.py builds passes the dataset's scale on (shapes: 0.2-1).
+    # flipped or not. The loader train.py builds passes the dataset's scale on (shapes: 0.5-1).
     x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     rand = lambda *shape: torch.rand(*shape, generator=g)                       # noqa: E731
@@ -206,7 +206,7 @@ def test_gpu_augment_honours_its_crop_scale():
     assert all((small[i] - x[i]).abs().max() > 1e-2 and (small[i] - x[i].flip(-1)).abs().max() > 1e-2
                for i in range(16))
     loader = run_setup.build_data(parsed("--gpu_aug"), CPU, 1, True)[0]
-    assert loader.augment.crop_scale == data.DATASETS["shapes"]["crop_scale"] == (0.2, 1.0)
+    assert loader.augment.crop_scale == data.DATASETS["shapes"]["crop_scale"] == (0.5, 1.0)
 
 
 def test_gpu_hue_shift_equals_torchvision_adjust_hue():
