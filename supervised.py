@@ -120,7 +120,7 @@ def main(argv=None):
             f.write(json.dumps(log) + "\n")
         print(f"epoch {epoch + 1}/{args.epochs}  loss {log['loss']:.3f}  held-out top-1 {top1:.1f} %  "
               f"{log['seconds']:.0f} s")
-    save_checkpoint(dict(encoder=encoder.state_dict(), head=head.state_dict(), epoch=args.epochs, step=step,
+    save_checkpoint(dict(encoder=encoder.state_dict(), head=head.state_dict(), epoch=log["epoch"] + 1, step=step,
                          args=vars(args)), os.path.join(args.output_dir, "checkpoint.pth"))
     print(f"wrote {os.path.join(args.output_dir, 'checkpoint.pth')}")
     return log
