@@ -19,11 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli_checks
 import data
 import optim
 import train
 from checkpoint import save_checkpoint
-import cli_checks
 from cli_checks import output_dir_problem, train_args_problem
 from encoders import build_encoder
 from run_setup import build_train_loader
