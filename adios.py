@@ -2,21 +2,20 @@
 
 The two objectives of Sec. 2 come first in `ADIOS`: f_θ minimises Σ_n L_ssl(f(x_a), f(x_b ⊙ (1 − m_n)))
 over the N masks m = M_φ(x_b); M_φ (masker.py) maximises that sum minus α·P. What they are made of
-follows. Needs torch, and encoders.py for the heads and per-slot BatchNorm. README: "Reading guide".
+follows: the masks, ADIOS-s, the penalty P, α₂, the online probe. Needs torch, encoders.py (f_θ),
+losses.py (L_ssl) and batchnorm.py (per-slot BatchNorm for the batched slots). README: "Reading guide".
 """
 import contextlib
 import copy
-import inspect
 import math
-from collections import namedtuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoders import (apply_statistics, byol_mlp, convert_to_slot_batchnorm, deferred_statistics, simclr_projector,
-                      simsiam_predictor, simsiam_projector, slot_statistics)
+from batchnorm import convert_to_slot_batchnorm, slot_statistics
+from encoders import InferenceModel, Outputs, heads
+from losses import byol_loss, distributed_world, normalised_and_gathered, simclr_loss, symmetric_simsiam
 
 METHODS = ("simclr", "byol", "simsiam")
 
@@ -37,8 +36,8 @@ class ADIOS(nn.Module):
         simsiam_*: SimSiam's optional terms, each a symmetrised pair added to the per-slot mean.
         gather_negatives: SimCLR negatives from every rank. batch_slots: the N masked views as ONE
         batch with per-slot BatchNorm statistics (same gradients as one call per slot, faster).
-        The BatchNorm layers of `encoder` are converted IN PLACE to SlotBatchNorm (same state_dict),
-        which also lets the running statistics follow the released loop's order (README "BatchNorm state")."""
+        The BatchNorm layers of `encoder` are converted IN PLACE to SlotBatchNorm (same state_dict;
+        batchnorm.py, README "BatchNorm state")."""
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -54,25 +53,20 @@ class ADIOS(nn.Module):
         # BYOL's target network: an EMA of encoder + projector, never trained by gradients.
         self.target = InferenceModel(copy.deepcopy(self.net.encoder), copy.deepcopy(projector)).requires_grad_(False) \
             if method == "byol" else None
-        # What each objective calls: the modules, or their DDP wrappers once `distribute` has run. The
-        # wrappers sit in a plain dict, not as submodules: registered, they would add a second copy of
-        # every weight under "module." names to state_dict() and parameters(), so checkpoints written by
-        # one process and by many would differ and the optimisers would see each weight twice.
-        self.__dict__["players"] = {"net": self.net, "masker": self.masker}
+        # Under torchrun, run_setup.distribute puts f_θ's and M_φ's DDP wrappers here ("net", "masker"). A
+        # plain dict, not submodules: registered, they would add a second copy of every weight to state_dict().
+        self.ddp = {}
 
     # ---- the two objectives (Sec. 2) ------------------------------------------------------------
 
     def encoder_loss(self, x_a, x_b, labels=None):
         """f_θ's objective: Σ_n L_ssl with the masks held constant, plus the online probe's cross-entropy
         (labels (B,), −1 = unlabelled, or None). x_a, x_b: (B, 3, H, W). Returns (loss, stats)."""
-        f, M = self.player("net", trains=True), self.player("masker", trains=False)
+        f = self.ddp.get("net", self.net)                     # f_θ trains: its DDP wrapper under torchrun
         with torch.no_grad():                                 # stop-gradient: the masks are constants for θ
-            m_a, m_b = self.masks_for(M, x_a, x_b)            # (B, N, H, W) each, or None
-        with deferred_statistics(self.net, self.target):     # BatchNorm: running statistics as released
-            clean = self.encode_clean(f, x_a, x_b, labels)   # the clean views, encoded once
-            slots = self.slot_losses(f, clean, x_a, x_b, m_a, m_b)
-            self.move_running_statistics("encoder", 0 if m_b is None else len(slots))
-        ssl = sum(slots)                                      # Σ_n L_ssl (Sec. 2)
+            m_a, m_b = self.masks_for(self.masker, x_a, x_b)  # (B, N, H, W) each, or None
+        clean = self.encode_clean(f, x_a, x_b, labels)        # the clean views, encoded once
+        ssl = sum(self.slot_losses(f, clean, x_a, x_b, m_a, m_b))   # Σ_n L_ssl (Sec. 2)
         ce, probe_stats = probe_loss(clean["logits"], clean["labels"])   # the probe: mean over both crops
         with torch.no_grad():                                 # for the log only
             penalty = self.penalty(m_a, m_b)
@@ -82,30 +76,24 @@ class ADIOS(nn.Module):
         """M_φ's objective: −Σ_n L_ssl + α·P, through a frozen f_θ (+ α₂·H, the entropy of the slot areas,
         in two released runs: README "Recipes"). x_a, x_b: (B, 3, H, W). Returns (loss, stats). BYOL's
         L_ssl here leaves out its term 2 − 2·cos(p_a, t_bm), constant in φ (the target is never trained)."""
-        f, M = self.player("net", trains=False), self.player("masker", trains=True)
-        with frozen(self.net), deferred_statistics(self.net, self.target):   # f_θ frozen: the gradient passes
-            with torch.no_grad():                             # through to the masks; the clean views do not
-                clean = self.encode_clean(f, x_a, x_b, step="masker")      # depend on them
+        if self.masker is None:
+            raise RuntimeError("masker_loss needs a masker: with masker=None (N = 0) there is no mask step")
+        M = self.ddp.get("masker", self.masker)               # M_φ trains: its DDP wrapper under torchrun
+        f = self.net                                          # frozen, so unwrapped: DDP would wait for gradients
+        with frozen(f):                                       # the gradient passes through f_θ to the masks
+            with torch.no_grad():                             # the clean views do not depend on the masks
+                clean = self.encode_clean(f, x_a, x_b, step="masker")
             m_a, m_b = self.masks_for(M, x_a, x_b)            # (B, N, H, W) each
-            slots = self.slot_losses(f, clean, x_a, x_b, m_a, m_b, step="masker")
-            self.move_running_statistics("masker", len(slots))
-            ssl = sum(slots)                                  # Σ_n L_ssl (Sec. 2)
+            ssl = sum(self.slot_losses(f, clean, x_a, x_b, m_a, m_b, step="masker"))   # Σ_n L_ssl (Sec. 2)
         penalty = self.penalty(m_a, m_b)                      # P, Eq. (3) (Sec. 2.3)
         loss = -ssl + self.alpha * penalty
         if self.alpha_entropy:
-            loss = loss + self.alpha_entropy * self.slot_entropy(m_a, m_b)
+            # α₂·H with H summed over the batch, as released (one GPU). DDP averages the W processes' gradients,
+            # so each weighs its own images' sum by W: together they train with the global batch's sum.
+            loss = loss + self.alpha_entropy * distributed_world()[1] * self.slot_entropy(m_a, m_b)
         return loss, self.stats(ssl, penalty, m_a, m_b)
 
     # ---- what the objectives are made of ------------------------------------------------------------
-
-    def player(self, name, trains):
-        """The module an objective calls: its DDP wrapper when this step trains it; the module itself
-        when it is frozen or under no_grad (a DDP wrapper would wait for gradients that never come)."""
-        if self.masker is None and name == "masker":
-            if trains:
-                raise RuntimeError("masker_loss needs a masker: with masker=None (N = 0) there is no mask step")
-            return None
-        return self.players[name] if trains else getattr(self, name)
 
     def masks_for(self, masker, x_a, x_b):
         """(masks of view a or None, masks of view b or None), each (B, N, H, W).
@@ -202,16 +190,6 @@ class ADIOS(nn.Module):
         parts = [t.chunk(num_views) if t is not None else [None] * num_views for t in out]
         return [Outputs(*fields) for fields in zip(*parts)]
 
-    def move_running_statistics(self, step, num_slots):
-        """Blend the BatchNorm statistics this step filed into the running averages in the order, and as
-        many times, as the released loop's forward passes would (released_order; README "BatchNorm state")."""
-        order = lambda part: released_order(self.method, num_slots, step, part, self.has_masker_step)  # noqa: E731
-        apply_statistics([self.net.encoder], order("encoder"))
-        apply_statistics([m for m in (self.net.projector, self.net.predictor) if m is not None], order("heads"))
-        if self.target is not None and step == "encoder":     # the target's whole iteration (released_order)
-            apply_statistics([self.target.encoder], order("target_encoder"))
-            apply_statistics([self.target.projector], order("target_heads"))
-
     def slot_loss(self, clean, masked):
         """L_ssl for one slot, from the clean outputs and that slot's masked outputs (names: encode_masked)."""
         c = clean
@@ -263,7 +241,7 @@ class ADIOS(nn.Module):
             stats[name] = torch.as_tensor(value, device=device).detach().float()
         return stats
 
-    # ---- BYOL's target, and several processes --------------------------------------------------------
+    # ---- BYOL's target ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def momentum_update(self, tau):
@@ -271,32 +249,6 @@ class ADIOS(nn.Module):
         online = list(self.net.encoder.parameters()) + list(self.net.projector.parameters())
         for t, o in zip(self.target.parameters(), online):
             t.lerp_(o, 1 - tau)                               # t + (1 − τ)(o − t)
-
-
-    def distribute(self, device_ids=None, sync_batchnorm=False):
-        """Give f_θ and M_φ each their own DistributedDataParallel wrapper (call under torchrun).
-
-        The encoder step differentiates through the wrapped f_θ only (masks under no_grad); the
-        masker step through the wrapped M_φ only (f_θ frozen and called unwrapped), so each
-        wrapper sees all its parameters used in every backward. sync_batchnorm: BatchNorm statistics
-        over the global batch, still per slot (encoders.SlotSyncBatchNorm; gloo or NCCL).
-        """
-        if sync_batchnorm:
-            for module in (self.net, self.target):
-                if module is not None:
-                    convert_to_slot_batchnorm(module, sync=True)
-        # No buffer broadcast before each forward: BatchNorm statistics stay per rank (or are synced by
-        # SlotSyncBatchNorm). torch ≥ 2.13 names the switch forward_sync_buffers, older ones broadcast_buffers.
-        DDP = nn.parallel.DistributedDataParallel
-        quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-            else "broadcast_buffers"
-        ddp = lambda m: DDP(m, device_ids=device_ids, **{quiet: False})
-        self.players["net"] = ddp(self.net)
-        if self.masker is not None and any(p.requires_grad for p in self.masker.parameters()):
-            self.players["masker"] = ddp(self.masker)         # fixed (random/block) maskers need none
-        if self.target is not None:                           # start every rank's target from rank 0's
-            for t in self.target.state_dict().values():
-                dist.broadcast(t, 0)
 
     @property
     def has_masker_step(self):
@@ -309,77 +261,6 @@ class ADIOS(nn.Module):
     predictor = property(lambda self: self.net.predictor)
     classifier = property(lambda self: self.net.classifier)
     num_masks = property(lambda self: 0 if self.masker is None else self.masker.num_masks)
-
-
-# ---- the inference model f_θ -------------------------------------------------------------------
-
-# f_θ's outputs: features h (B, feat_dim), projection z (B, out), prediction p (B, out) or None, logits or None.
-Outputs = namedtuple("Outputs", "h z p logits")
-
-
-class InferenceModel(nn.Module):
-    """f_θ: backbone → projector (→ predictor), plus the online linear probe on detached features.
-    One module, so that train.py can give it a single DistributedDataParallel wrapper."""
-
-    def __init__(self, encoder, projector, predictor=None, classifier=None):
-        super().__init__()
-        self.encoder, self.projector, self.predictor, self.classifier = encoder, projector, predictor, classifier
-
-    def forward(self, x, classify=False, probe_only=False):
-        if probe_only:            # the probe's pass of a crop: the backbone without a graph (only the probe reads h)
-            with torch.no_grad():
-                h = self.encoder(x)                           # (B, feat_dim)
-            return Outputs(h, None, None, self.classifier(h) if self.classifier is not None else None)
-        h = self.encoder(x)                                   # (B, feat_dim)
-        z = self.projector(h)                                 # (B, out)
-        p = self.predictor(z) if self.predictor is not None else None
-        # The probe sees detached features: it learns from the encoder, never changes it.
-        logits = self.classifier(h.detach()) if classify else None
-        return Outputs(h, z, p, logits)
-
-
-def heads(method, feat_dim, proj_hidden_dim, proj_output_dim, pred_hidden_dim):
-    """(projector, predictor or None) of the base method, with the released runs' layer layouts."""
-    if method == "simclr":
-        return simclr_projector(feat_dim, proj_hidden_dim, proj_output_dim), None
-    if method == "byol":
-        return (byol_mlp(feat_dim, proj_hidden_dim, proj_output_dim),
-                byol_mlp(proj_output_dim, pred_hidden_dim or proj_hidden_dim, proj_output_dim))
-    return (simsiam_projector(feat_dim, proj_hidden_dim, proj_output_dim),
-            simsiam_predictor(proj_output_dim, pred_hidden_dim or 512))
-
-
-# ---- the released loop's BatchNorm sequence ------------------------------------------------------
-
-def released_order(method, num_slots, step, part, masker_step=True):
-    """The batches one BatchNorm layer of `part` sees, in order, in one step of the released loop.
-
-    Every train-mode forward pass moves a layer's running mean and variance one momentum step, so their
-    order and number is part of the state a checkpoint holds. The released training_step runs, encoder
-    in train mode, for each slot n the clean view(s) then the masked one(s): a, bm_n (SimCLR, BYOL) or
-    a, b, am_n, bm_n (SimSiam); then, in the encoder step only, the online probe's pass of the backbone
-    (only) over both crops, a and b; the masker step repeats the slot loop. BYOL's target runs the same
-    slot loop in both steps, and the probe's a, b through its backbone. num_slots: N, 1 for ADIOS-s,
-    0 for the plain base method, whose networks each see a, b once. part: "encoder" or "heads"
-    (projector, predictor) of f_θ, or "target_encoder" / "target_heads". Returns a list of names.
-
-    BYOL's target: its weights change only after the iteration and the masks are the same in both
-    steps, so the encoder step moves its statistics for the whole iteration (masker_step: whether one
-    follows), and the masker step encodes no masked view through it (ADIOS-s draws its slot again in
-    the masker step: there the encoder step's draw stands in; README "BatchNorm state").
-    """
-    if num_slots == 0:
-        return ["a", "b"]
-    target = part.startswith("target")
-    clean = ["a", "b"] if method == "simsiam" and not target else ["a"]
-    masked = lambda n: [f"am{n}", f"bm{n}"] if method == "simsiam" and not target else [f"bm{n}"]  # noqa: E731
-    slot_loop = [name for n in range(num_slots) for name in clean + masked(n)]
-    probe = ["a", "b"] if part.endswith("encoder") else []
-    if not target:
-        return slot_loop + probe if step == "encoder" else slot_loop
-    if step != "encoder":
-        return []
-    return slot_loop + probe + (slot_loop if masker_step else [])
 
 
 # ---- masks ---------------------------------------------------------------------------------------
@@ -455,61 +336,7 @@ def frozen(module):
             p.requires_grad_(flag)
 
 
-# ---- the base methods' losses (Sec. 4 of the paper uses SimCLR, BYOL and SimSiam) ------------------
-
-def simclr_loss(z1, z2, temperature=0.2, gather=True, z1_all=None):
-    """NT-Xent (SimCLR, Chen et al. 2020, Eq. 1): mean over the 2B anchors of this rank.
-
-    z1, z2: (B, D) embeddings of two views; row i of z1 and row i of z2 are the positive pair.
-    gather=True (the default) uses every rank's embeddings as negatives through GatherWithGrad, so
-    K processes with batch B each compute the loss of one process with batch K·B (the released code
-    used the local batch only); with one process it changes nothing. z1_all: normalised_and_gathered(z1,
-    gather), when several calls share z1 (ADIOS's slots): one gather, and one all-reduce in backward.
-    """
-    dtype = torch.promote_types(z1.dtype, torch.float32)     # logits in at least float32
-    z1, z2 = F.normalize(z1.to(dtype), dim=1), F.normalize(z2.to(dtype), dim=1)
-    B = z1.shape[0]
-    rank, world = distributed_world() if gather else (0, 1)
-    all1 = z1_all if z1_all is not None else normalised_and_gathered(z1, gather)        # (WB, D)
-    all2 = GatherWithGrad.apply(z2) if world > 1 else z2
-    anchors = torch.cat([z1, z2])                             # (2B, D)
-    candidates = torch.cat([all1, all2])                      # (2WB, D)
-    logits = anchors @ candidates.T / temperature             # (2B, 2WB)
-    mine = torch.arange(B, device=z1.device) + rank * B       # this rank's rows within all1/all2
-    self_idx = torch.cat([mine, mine + world * B])            # (2B,) each anchor's own column
-    pos_idx = torch.cat([mine + world * B, mine])             # (2B,) the other view of the same image
-    is_self = F.one_hot(self_idx, logits.shape[1]).bool()
-    logits = logits.masked_fill(is_self, float("-inf"))       # an embedding is not its own negative
-    return F.cross_entropy(logits, pos_idx)
-
-
-def normalised_and_gathered(z, gather=True):
-    """z (B, D) L2-normalised in at least float32, as NT-Xent's candidates: every rank's rows (W·B, D)
-    through GatherWithGrad with several processes and gather=True, else this rank's (B, D)."""
-    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
-    return GatherWithGrad.apply(z) if gather and distributed_world()[1] > 1 else z
-
-
-def byol_loss(p, z):
-    """BYOL (Grill et al. 2020, Eq. 2): 2 − 2·cos(p, sg(z)), mean over the batch. p, z: (B, D)."""
-    return 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1).mean()   # z.detach(): the stop-gradient
-
-
-def simsiam_loss(p, z):
-    """SimSiam (Chen & He 2021, Eq. 1): −cos(p, sg(z)), mean over the batch. p, z: (B, D)."""
-    return -F.cosine_similarity(p, z.detach(), dim=-1).mean()          # z.detach(): the stop-gradient
-
-
-def symmetric_simsiam(p1, z2, p2, z1):
-    """½ D(p1, z2) + ½ D(p2, z1): one symmetrised SimSiam term."""
-    return (simsiam_loss(p1, z2) + simsiam_loss(p2, z1)) / 2
-
-
-def byol_tau(step, total_steps, tau_base=0.99, tau_final=1.0):
-    """BYOL's EMA rate: τ rises from tau_base to tau_final on a cosine over all steps (BYOL Sec. 3.2)."""
-    progress = min(step / max(total_steps, 1), 1.0)
-    return tau_final - (tau_final - tau_base) * (math.cos(math.pi * progress) + 1) / 2
-
+# ---- the online probe ----------------------------------------------------------------------------
 
 def probe_loss(logits, labels):
     """(cross-entropy, [(name, value)]: CE and top-1 in % for the log) of the online probe over labelled
@@ -523,35 +350,3 @@ def probe_loss(logits, labels):
     ce = (ce * labelled).sum() / count
     return ce, [("online_ce", ce), ("online_acc", 100 * acc.sum() / count)]        # accuracy in %
 
-
-# ---- collectives ---------------------------------------------------------------------------------
-
-class GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward is correct: (B, D) on each rank → (W·B, D).
-
-    Every rank's loss uses every rank's embeddings, so the gradient for this rank's slice is the
-    SUM over ranks of the gradients each loss sends it: backward all-reduces, then takes the slice.
-    (The released code's gather returns only the local gradient and loses the cross-rank terms;
-    torch.distributed.all_gather alone has no gradient at all.) Needs equal B on every rank.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)                               # (W·B, D)
-
-    @staticmethod
-    def backward(ctx, grad):                                  # grad: (W·B, D)
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        B = grad.shape[0] // dist.get_world_size()
-        r = dist.get_rank()
-        return grad[r * B:(r + 1) * B]                        # (B, D)
-
-
-def distributed_world():
-    """(rank, world size) of the default process group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

@@ -10,9 +10,9 @@
 
 One iteration = the encoder step + the masker step (Sec. 2). "ours" is train.adios_step exactly as
 train.py runs it (clean view encoded once per step, the N masked views as one batch with per-slot
-BatchNorm statistics, autocast, channels_last on CUDA); "released" is a transcription of the released
-code's schedule built from the same modules and the same adios.py losses: fp32, one call per slot, the
-clean view encoded again for every slot in both steps (README: "Performance"). The two run in the same
+BatchNorm statistics, autocast, channels_last on CUDA); "released" is released_loop.iteration, the authors'
+schedule on the same modules with the same losses: fp32, one call per slot, the clean view encoded again
+for every slot in both steps (README: "Performance"). The two run in the same
 process, interleaved, after warm-up; the table gives medians over repeats, the last line one JSON object.
 Inputs are random tensors: the input pipeline is timed on its own by --loader. --world K times ours in
 K processes (gloo; each with --batch_size images, BatchNorm per slot over all K: the torchrun path)
@@ -22,30 +22,26 @@ device, per iteration: on CUDA with torch's sync debug mode, on the CPU the Pyth
 values. README: "Performance".
 """
 import argparse
-import collections
 import contextlib
 import json
 import os
-import socket
 import statistics
-import sys
 import time
 import warnings
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.utils.flop_counter import FlopCounterMode
 
+import bench_world
 import cli_checks
 import data
 import gpu_augment
 import optim
-import run_setup
-import train
-from adios import METHODS, byol_loss, frozen, occlude, probe_loss, simclr_loss, sparsity_penalty, symmetric_simsiam
-from encoders import ARCHS, STEMS, convert_to_slot_batchnorm
-from optim import set_learning_rates
+import recipes
+import released_loop
+import train                 # the one entry point a library imports: bench.py times train.py's own step
+from adios import METHODS
+from bench_setup import build_pair, build_side, count_flops, device_name, fail, sync, time_block, train_args
+from encoders import ARCHS, STEMS
 
 
 # The shapes configuration the CPU figures of README ("Performance") were measured on, pinned here rather
@@ -101,173 +97,6 @@ def get_args_parser():
     return p
 
 
-# ---- the released schedule (README: "Performance") ------------------------------------------------
-# The released code re-encodes the clean view once per slot in both steps, though one pass gives
-# identical gradients, and encodes the N masked views in N separate calls; the online probe then encodes
-# both crops again. Same losses as adios.py; the same forward passes in the same order as released, so the
-# BatchNorm statistics move as the released loop's (README "BatchNorm state").
-
-def released_slot_loss(model, x_a, x_b, hide_a, hide_b):
-    """L_ssl of one slot as the released code computes it, the clean view(s) encoded again.
-
-    hide_a, hide_b: (B, 1, H, W) this slot's masks (hide_a: SimSiam only). Every call is a train-mode
-    forward pass in the released order, so BatchNorm's running statistics move as the released loop's.
-    """
-    net = model.net
-    _, z_a, p_a, _ = net(x_a)                                 # the clean view, again for this slot
-    x_bm = occlude(x_b, hide_b)
-    if model.method == "simclr":
-        return simclr_loss(z_a, net(x_bm).z, model.temperature, model.gather_negatives)
-    if model.method == "byol":
-        p_bm = net(x_bm).p
-        with torch.no_grad():                                 # target branch: no gradient, ever
-            t_a, t_bm = model.target(x_a).z, model.target(x_bm).z
-        return byol_loss(p_a, t_bm) + byol_loss(p_bm, t_a)
-    _, z_b, p_b, _ = net(x_b)                                 # SimSiam: both clean views, again
-    _, z_am, p_am, _ = net(occlude(x_a, hide_a))
-    _, z_bm, p_bm, _ = net(x_bm)
-    use = model.simsiam_terms
-    terms = [symmetric_simsiam(p_am, z_b, p_bm, z_a)]
-    if use["masked_targets"]:
-        terms.append(symmetric_simsiam(p_a, z_bm, p_b, z_am))
-    if use["unmasked"]:
-        terms.append(symmetric_simsiam(p_a, z_b, p_b, z_a))
-    if use["both_masked"]:
-        terms.append(symmetric_simsiam(p_am, z_bm, p_bm, z_am))
-    return sum(terms) / len(terms)
-
-
-def released_masks(model, x_a, x_b):
-    """(masks of view a or None, masks of view b), (B, N, H, W): SimSiam masks each view separately."""
-    return (model.masker(x_a) if model.method == "simsiam" else None), model.masker(x_b)
-
-
-def released_probe_loss(model, x_a, x_b, labels):
-    """The online probe's own pass (the released base training_step): the backbone on each crop, the probe on
-    the detached features, the mean of the two crops' CE; BYOL's target backbone encodes both crops too."""
-    feats = [model.net.encoder(x) for x in (x_a, x_b)]       # 2 × (B, feat_dim)
-    if model.method == "byol":
-        with torch.no_grad():
-            model.target.encoder(x_a), model.target.encoder(x_b)   # unused but for BatchNorm's statistics
-    if labels is None or model.classifier is None:
-        return 0
-    logits = torch.cat([model.classifier(h.detach()) for h in feats])    # (2B, classes)
-    return probe_loss(logits, labels.repeat(2))[0]
-
-
-def released_encoder_loss(model, x_a, x_b, labels=None):
-    """Σ_n L_ssl, one slot at a time, plus the online probe's CE on both crops (its own pass)."""
-    with torch.no_grad():                                     # the masks are constants for θ
-        m_a, m_b = released_masks(model, x_a, x_b)
-    loss = 0
-    for n in range(m_b.shape[1]):
-        hide_a = m_a[:, n:n + 1] if m_a is not None else None  # (B, 1, H, W)
-        loss = loss + released_slot_loss(model, x_a, x_b, hide_a, m_b[:, n:n + 1])
-    return loss + released_probe_loss(model, x_a, x_b, labels)
-
-
-def released_masker_loss(model, x_a, x_b):
-    """−Σ_n L_ssl + α·P through the frozen f_θ, the clean view encoded per slot with autograd on."""
-    with frozen(model.net):                                   # gradient reaches the masks only
-        m_a, m_b = released_masks(model, x_a, x_b)
-        ssl = sum(released_slot_loss(model, x_a, x_b, m_a[:, n:n + 1] if m_a is not None else None,
-                                     m_b[:, n:n + 1]) for n in range(m_b.shape[1]))
-    penalty = sparsity_penalty(m_b) + (sparsity_penalty(m_a) if m_a is not None else 0)   # Eq. (3), Sec. 2.3
-    return -ssl + model.alpha * penalty
-
-
-def released_iteration(model, x_a, x_b, labels, opt_enc, opt_mask):
-    """One iteration of the released schedule: encoder step, then masker step; fp32, no scaler."""
-    loss = released_encoder_loss(model, x_a, x_b, labels)
-    opt_enc.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_enc.step()
-    loss = released_masker_loss(model, x_a, x_b)
-    opt_mask.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_mask.step()
-
-
-# ---- building both sides ------------------------------------------------------------------------
-
-def train_args(a, device):
-    """train.py's arguments for this benchmark: its parser and recipe, then what train.main sets."""
-    argv = ["--dataset", a.dataset, "--arch", a.arch, "--method", a.method, "--device", device.type]
-    for key in ("img_size", "stem", "batch_size", "num_masks", "mask_channels", "proj_hidden_dim", "proj_output_dim",
-                "pred_hidden_dim"):
-        if getattr(a, key) is not None:
-            argv += [f"--{key}", str(getattr(a, key))]
-    argv += ["--log_every", str(a.log_every)] if getattr(a, "log_every", None) else []
-    args = train.resolve_args(train.get_args_parser().parse_args(argv))
-    if problem := cli_checks.train_args_problem(args):      # what cannot be built: one line, exit 2
-        fail(problem)
-    if args.num_masks < 2:
-        fail("--num_masks must be at least 2: the two schedules differ in how they run the slots")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    args.precision = a.precision or ("bf16" if bf16 else "fp32")
-    args.channels_last = device.type == "cuda" if a.channels_last is None else a.channels_last
-    args.compile = a.compile
-    return args
-
-
-def build_side(args, device, num_classes, world=1):
-    """(model, encoder optimiser, masker optimiser) as train.main builds them, at the warmup's first rate
-    (0.003), so that the weights stay sane over the benchmark's few dozen steps."""
-    model = run_setup.build_model(args, num_classes=num_classes, world=world, device=device)
-    opt_enc, opt_mask = optim.build_optimizers(model, args)
-    for opt in (opt_enc, opt_mask):
-        set_learning_rates(opt, step=0, warmup=1, total=2)
-    return model, opt_enc, opt_mask
-
-
-def build_pair(args, device, num_classes):
-    """Ours and the released side, from identical weights, so both do the same arithmetic per step."""
-    ours = build_side(args, device, num_classes)
-    plain = argparse.Namespace(**{**vars(args), "precision": "fp32", "channels_last": False, "compile": False})
-    released = build_side(plain, device, num_classes)
-    released[0].batch_slots = False     # one call per slot (SlotBatchNorm with 1 slot is plain BatchNorm)
-    released[0].load_state_dict(ours[0].state_dict())
-    return ours, released
-
-
-# ---- timing --------------------------------------------------------------------------------------
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_block(step, steps, device):
-    """Milliseconds per call of step(), over `steps` calls, and the peak CUDA memory (MiB) meanwhile."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    ms = (time.perf_counter() - start) * 1000 / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return ms, peak
-
-
-def count_flops(step):
-    """FLOPs of one call of step() (matmuls and convolutions, forward and backward), or None."""
-    try:
-        with FlopCounterMode(display=False) as counter:
-            step()
-        return counter.get_total_flops()
-    except Exception as e:                                    # e.g. a compiled module the counter cannot follow
-        print(f"FLOP count failed ({type(e).__name__}: {e}); reported as n/a")
-        return None
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def bench_iteration(a, device):
     args = train_args(a, device)
     torch.manual_seed(0)
@@ -286,7 +115,7 @@ def bench_iteration(a, device):
             model.momentum_update(0.99)
 
     def released():
-        released_iteration(ref, x_a, x_b, labels, ref_enc, ref_mask)
+        released_loop.iteration(ref, x_a, x_b, labels, ref_enc, ref_mask)
         if ref.method == "byol":
             ref.momentum_update(0.99)
 
@@ -346,7 +175,7 @@ def loader_rate(loader_iter, warm, timed, batch_size):
 def bench_loader(a, device):
     name, size = a.dataset, a.img_size or data.dataset_info(a.dataset)["img_size"]
     B = a.batch_size or (256 if device.type == "cuda" else 64)
-    workers = a.workers or sorted({0, train.default_workers(device.type)} | {w for w in (2, 4, 8) if w <= (os.cpu_count() or 1)})
+    workers = a.workers or sorted({0, recipes.default_workers(device.type)} | {w for w in (2, 4, 8) if w <= (os.cpu_count() or 1)})
     rounds = {w: (max(1, w), max(a.batches, 4 * w)) for w in workers}    # warm: every worker's first batch
     try:
         dataset = data.build_pretrain_dataset(name, a.data_dir, size)
@@ -391,129 +220,6 @@ def bench_loader(a, device):
     result["gpu_augment"] = round(a.batches * B / (time.perf_counter() - start), 1)
     print(f"  GPUAugment on {device.type:<5}{result['gpu_augment']:12.1f} images/s   (compare: images/s of "
           "`python bench.py`, the training iteration)")
-    return result
-
-
-# ---- --world: K processes against one ------------------------------------------------------------
-
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "broadcast")
-CALLERS = {"encoders": "batchnorm", "adios": "simclr_negatives"}     # the file that calls → what it is
-
-
-@contextlib.contextmanager
-def counting_collectives():
-    """Count the torch.distributed collectives called inside the block, by what calls them (CALLERS).
-    DDP's gradient all-reduces are issued from C++ and are not counted."""
-    counts, real = collections.Counter(), {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def counted(fn):
-        def call(*args, **kwargs):
-            module = sys._getframe(1).f_globals.get("__name__")
-            counts[CALLERS.get(module, "other")] += 1
-            return fn(*args, **kwargs)
-        return call
-
-    for name, fn in real.items():
-        setattr(dist, name, counted(fn))
-    try:
-        yield counts
-    finally:
-        for name, fn in real.items():
-            setattr(dist, name, fn)
-
-
-def world_sides(args, num_classes, world):
-    """Step functions of one iteration in this process: "sync", ours as torchrun runs it; "local", the same
-    with this process's own BatchNorm statistics; "released", the released schedule with synchronised
-    BatchNorm (one call per slot; no DDP wrapper: it is counted, not timed)."""
-    g = torch.Generator().manual_seed(dist.get_rank())         # each process its own images
-    x_a, x_b = torch.randn(2, args.batch_size, 3, args.img_size, args.img_size, generator=g)
-    labels = torch.randint(num_classes, (args.batch_size,), generator=g)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    sides = {}
-    for name in ("sync", "local", "released"):
-        args.sync_bn = name == "sync"
-        torch.manual_seed(0)
-        processes = 1 if name == "released" else world        # 1: no DDP wrapper
-        model, opt_enc, opt_mask = build_side(args, torch.device("cpu"), num_classes, processes)
-        if name == "released":
-            model.batch_slots = False
-            for module in (model.net, model.target):
-                if module is not None:
-                    convert_to_slot_batchnorm(module, sync=True)
-            sides[name] = lambda m=model, e=opt_enc, k=opt_mask: released_iteration(m, x_a, x_b, labels, e, k)
-        else:
-            sides[name] = lambda m=model, e=opt_enc, k=opt_mask: train.adios_step(
-                m, x_a, x_b, labels, e, k, scaler, contextlib.nullcontext)
-    return sides
-
-
-def world_worker(rank, a, args, port, num_classes, results):
-    """One of the K processes: times "sync" and "local" interleaved, counts the collectives of each side."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(a.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=a.world)
-    sides = world_sides(args, num_classes, a.world)
-    collectives = {}
-    for name, step in sides.items():
-        with counting_collectives() as counts:
-            step()                                            # also the warm-up
-        collectives[name] = dict(counts)
-    times = {"sync": [], "local": []}
-    for _ in range(a.warmup):
-        sides["sync"]()
-        sides["local"]()
-    for _ in range(a.repeats):
-        for name in times:
-            dist.barrier()                                    # every process starts the block together
-            times[name].append(time_block(sides[name], a.steps, torch.device("cpu"))[0])
-    if rank == 0:
-        results.put(dict(times=times, collectives=collectives))
-    dist.destroy_process_group()
-
-
-def bench_world(a, device):
-    """ms per iteration of ours in one process, and in a.world processes (gloo, each with --batch_size
-    images) with and without synchronised BatchNorm; the collectives of one iteration per process."""
-    if device.type != "cpu":
-        fail("--world times gloo processes on the CPU: add --device cpu (on GPUs, torchrun train.py shows the cost)")
-    args = train_args(a, device)
-    num_classes = data.dataset_info(a.dataset)["num_classes"] or 10
-    a.threads = a.threads or max(1, (os.cpu_count() or 1) // a.world)
-    torch.set_num_threads(a.threads)
-    print(f"{a.arch}, {a.method}, {args.img_size} px, batch {args.batch_size} per process, N {args.num_masks}; "
-          f"{a.world} processes (gloo) vs 1, {a.threads} thread(s) each; {a.repeats} × {a.steps} steps")
-    torch.manual_seed(0)
-    model, opt_enc, opt_mask = build_side(args, device, num_classes)      # one process: no process group
-    x_a, x_b = torch.randn(2, args.batch_size, 3, args.img_size, args.img_size)
-    labels = torch.randint(num_classes, (args.batch_size,))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-
-    def step():
-        train.adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, contextlib.nullcontext)
-
-    for _ in range(a.warmup):
-        step()
-    single = statistics.median(time_block(step, a.steps, device)[0] for _ in range(a.repeats))
-    with socket.socket() as s:                                # a free port for the process group
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(world_worker, args=(a, args, port, num_classes, results), nprocs=a.world)
-    out = results.get()
-    sync, local = (statistics.median(out["times"][k]) for k in ("sync", "local"))
-    result = dict(mode="world", world=a.world, threads_per_process=a.threads, device=device_name(device),
-                  single_ms=round(single, 1), world_ms=round(sync, 1), world_local_bn_ms=round(local, 1),
-                  sync_bn_ms=round(sync - local, 1), world_over_single=round(sync / single, 3),
-                  collectives_per_iteration=dict(ours=out["collectives"]["sync"],
-                                                 released=out["collectives"]["released"]),
-                  config=dict(arch=a.arch, method=a.method, img_size=args.img_size, batch_size=args.batch_size,
-                              num_masks=args.num_masks, steps=a.steps, warmup=a.warmup, repeats=a.repeats))
-    print(f"ms / iteration: 1 process {single:.1f}; {a.world} processes {sync:.1f} with synchronised BatchNorm, "
-          f"{local:.1f} without (synchronising: {sync - local:+.1f} ms, {100 * (sync - local) / local:+.1f} %)")
-    for name in ("ours", "released"):
-        print(f"collectives per iteration and process, {name}: {result['collectives_per_iteration'][name]} "
-              "(DDP's gradient all-reduces not counted)")
     return result
 
 
@@ -590,10 +296,6 @@ def bench_syncs(a, device):
 
 # ---- main ---------------------------------------------------------------------------------------
 
-def fail(message):
-    cli_checks.fail("bench.py", message)
-
-
 def main(argv=None):
     a = get_args_parser().parse_args(argv)
     if problem := cli_checks.device_problem(a.device):
@@ -617,7 +319,7 @@ def run(a):
     a.steps = a.steps or (10 if cuda else 2)
     a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     a.repeats = a.repeats or (5 if cuda else 3)
-    result = bench_loader(a, device) if a.loader else bench_world(a, device) if a.world else \
+    result = bench_loader(a, device) if a.loader else bench_world.bench_world(a, device) if a.world else \
         bench_syncs(a, device) if a.syncs else bench_iteration(a, device)
     print(json.dumps(result))
     return result

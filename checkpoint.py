@@ -15,7 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from adios import distributed_world
+from masker import Masker
+from run_setup import distributed_world
 
 # Two lists of train.py's flags (README "Stopping and resuming"). SHAPING flags fix what a run computes:
 # resuming compares each with the checkpoint's `args` and refuses on any difference (the batch as the
@@ -27,7 +28,7 @@ SHAPING = ("dataset", "num_images", "data_version", "img_size", "jitter", "gpu_a
            "alpha_entropy", "mask_lr", "mask_channels", "mask_norm", "mask_blocks", "mask_type", "batch_size", "lr",
            "weight_decay", "optimizer", "warmup_epochs", "encoder_early_end", "classifier_lr", "sync_bn", "seed")
 RUNNING = ("epochs", "max_steps", "save_every", "resume", "dry_run", "data_dir", "download", "workers", "device",
-           "output_dir", "compile", "collective_timeout", "log_every")
+           "output_dir", "compile", "collective_timeout", "log_every", "tensorboard")
 DEVICE = ("precision", "channels_last")
 
 
@@ -53,6 +54,16 @@ def save_checkpoint(state, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def load_scaler(scaler, saved):
+    """Restore fp16's loss scale from a checkpoint's `scaler` state where both runs have one (a GradScaler is
+    on with --precision fp16 only: fp32 and bf16 save an empty state). Returns a note to print, or None."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+    elif scaler.is_enabled():
+        return "note: --precision fp16 now, and the checkpoint has no loss scale: it starts fresh"
+    return None
 
 
 def load_for_resume(path, args):
@@ -97,6 +108,10 @@ def not_the_same_on_other_counts(args):
         return "without --no_gather (negatives from every process)"
     if args["gpu_aug"]:
         return "without --gpu_aug (its views are drawn per process)"
+    if args["mask_type"] != "adios":
+        return f"with learned masks (--mask_type {args['mask_type']} draws its masks per process)"
+    if args["single_mask"] and args["num_masks"]:
+        return "without --single_mask (ADIOS-s draws its slot per image per process)"
     return None
 
 
@@ -231,3 +246,17 @@ def agree(flags, device):
     t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+# ---- what other programs read from a checkpoint -------------------------------------------------
+
+def learned_masker(ckpt):
+    """The checkpoint's Masker M_φ (frozen, eval mode), or None without learned masks (N = 0, baselines)."""
+    args = ckpt["args"]
+    weights = {k[len("masker."):]: v for k, v in ckpt.get("model", {}).items() if k.startswith("masker.")}
+    if args.get("num_masks", 0) < 2 or args.get("mask_type", "adios") != "adios" or not weights:
+        return None
+    masker = Masker(args["num_masks"], args["img_size"], args["mask_channels"], args["mask_norm"],
+                    args.get("mask_blocks"))                  # None (older checkpoints): the size's default
+    masker.load_state_dict(weights)
+    return masker.eval().requires_grad_(False)

@@ -5,6 +5,7 @@ the fix, or None; the entry point prints it under its own name with `fail` (exit
 traceback from inside torch. README: "When things go wrong".
 """
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -94,6 +95,10 @@ def train_args_problem(args):
         return f"--arch {args.arch} / --img_size {args.img_size}: {e}"
     if args.batch_size < 2:
         return f"--batch_size {args.batch_size}: contrastive losses need at least 2 images per process"
+    if getattr(args, "tensorboard", False) and importlib.util.find_spec("tensorboard") is None:
+        return "--tensorboard needs the tensorboard package: pip install tensorboard (or leave out --tensorboard)"
+    if not 0 <= args.seed < 2 ** 63:
+        return f"--seed {args.seed}: must be from 0 to 2^63 − 1 ({2 ** 63 - 1})"
     # Counts and rates out of range: named here rather than met later as a shape error or a NaN.
     if problem := below_minimum(args, dict(epochs=1, num_images=1, max_steps=1, proj_hidden_dim=1, pred_hidden_dim=1,
                                            proj_output_dim=1, warmup_epochs=0, save_every=0, workers=0, log_every=1,

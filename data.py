@@ -325,7 +325,7 @@ def build_pretrain_dataset(name, data_dir, img_size, download=False, jitter=None
 
 def sample_seed(seed, epoch, index):
     """The torch seed of one image's random views (or of one GPU batch's): distinct for every (epoch, index)."""
-    return (seed * 1_000_003 + epoch) * 100_000_007 + index
+    return ((seed * 1_000_003 + epoch) * 100_000_007 + index) % 2 ** 64    # torch takes seeds below 2^64
 
 
 class SeededViews(torch.utils.data.Dataset):

@@ -39,11 +39,12 @@ from tqdm import tqdm
 import cli_checks
 import released
 from cli_checks import Parser, eval_args_problem
-from data import DATASETS, DataError, build_eval_datasets, build_test_folders, dataset_info, eval_transform
+from batchnorm import precise_batchnorm
+from checkpoint import learned_masker
+from data import DATASETS, DataError, build_eval_datasets, build_test_folders
 from encoders import ARCHS, STEMS, build_encoder
-from masker import Masker
+from mask_quality import shapes_mask_quality
 from optim import LARS, param_groups
-from shapes import Shapes
 
 KNN_K, KNN_T = 20, 0.07                   # fixed kNN neighbours and temperature (never tuned on test)
 LARS_ETA = 1e-3                           # the released linear probe's LARS trust coefficient, no clipping
@@ -131,18 +132,6 @@ def frozen_encoder(arch, img_size, stem, state_dict=None):
     return encoder.eval().requires_grad_(False), feat_dim
 
 
-def learned_masker(ckpt):
-    """The checkpoint's Masker M_φ (frozen, eval mode), or None without learned masks (N = 0, baselines)."""
-    args = ckpt["args"]
-    weights = {k[len("masker."):]: v for k, v in ckpt.get("model", {}).items() if k.startswith("masker.")}
-    if args.get("num_masks", 0) < 2 or args.get("mask_type", "adios") != "adios" or not weights:
-        return None
-    masker = Masker(args["num_masks"], args["img_size"], args["mask_channels"], args["mask_norm"],
-                    args.get("mask_blocks"))                  # None (older checkpoints): the size's default
-    masker.load_state_dict(weights)
-    return masker.eval().requires_grad_(False)
-
-
 # ---- features ----------------------------------------------------------------------------------
 
 def fp16(device):
@@ -161,31 +150,6 @@ def extract_features(encoder, dataset, batch_size, workers, device, desc):
             feats.append(encoder(x.to(device, non_blocking=True)).float())    # (b, D)
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels).to(device)
-
-
-@torch.no_grad()
-def precise_batchnorm(encoder, dataset, batches, batch_size, workers, device, seed=0):
-    """Replace every BatchNorm layer's running mean and variance in encoder by the cumulative average (equal
-    weights: momentum None) of the batch statistics of `batches` shuffled batches of dataset's clean images,
-    from a reset; the training's running averages mix masked views and old weights. The encoder's weights
-    are untouched and it is left in eval mode. Returns the number of images seen."""
-    layers = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
-    encoder.train()                                           # batch statistics, folded into the running ones
-    seen = 0
-    for _, (x, _) in zip(range(batches), loader):
-        with fp16(device):
-            encoder(x.to(device, non_blocking=True))          # (b, 3, H, W) → features, unused
-        seen += len(x)
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-    encoder.eval()
-    return seen
 
 
 def cached_batches(feats, labels, batch_size, generator):
@@ -330,82 +294,6 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes, k=
         votes.scatter_add_(1, train_labels[idx], (sim / T).exp())         # (b, C)
         correct += (votes.argmax(dim=1) == test_labels[start:start + chunk]).sum().item()
     return 100.0 * correct / len(test_feats)
-
-
-# ---- mask quality (the paper's ARI of the argmax slot map against the true objects) ------------
-
-def adjusted_rand_index(pred, true, ignore=None):
-    """Adjusted Rand index (Hubert & Arabie 1985) per image, averaged over the batch (a float).
-
-    pred, true: int tensors (B, H, W) or (B, P), any label values. ignore: a label of `true` whose
-    pixels are left out (ignore=0: the foreground-only ARI). From the contingency table n_ij of each
-    image, with a_i, b_j its row and column sums and n its total:
-        ARI = (Σ C(n_ij,2) − E) / (½(Σ C(a_i,2) + Σ C(b_j,2)) − E),  E = Σ C(a_i,2) Σ C(b_j,2) / C(n,2).
-    Degenerate cases: the denominator is 0 only when both maps are one cluster, or both are all
-    singletons; the maps then agree and the ARI is 1 (as scikit-learn). An image with fewer than two
-    counted pixels has no pairs: it is left out of the mean (NaN if every image is).
-    """
-    if pred.shape != true.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and true {tuple(true.shape)} must have the same shape")
-    pred, true = pred.flatten(1), true.flatten(1)             # (B, P)
-    B = pred.shape[0]
-    counted = torch.ones_like(true, dtype=torch.bool) if ignore is None else true != ignore
-    # Relabel both maps 0..K−1 over the batch, so one bincount fills every image's table.
-    p = torch.unique(pred, return_inverse=True)[1]            # (B, P) in [0, Kp)
-    t = torch.unique(true, return_inverse=True)[1]            # (B, P) in [0, Kt)
-    Kp, Kt = int(p.max()) + 1, int(t.max()) + 1
-    image = torch.arange(B, device=pred.device).view(B, 1).expand_as(p)
-    cell = (image * Kp + p) * Kt + t                          # (B, P): flat index into (B, Kp, Kt)
-    table = torch.bincount(cell[counted], minlength=B * Kp * Kt).view(B, Kp, Kt).double()   # n_ij
-
-    def pairs(n):
-        return n * (n - 1) / 2                                # C(n, 2)
-
-    index = pairs(table).sum(dim=(1, 2))                      # (B,)
-    rows, cols = pairs(table.sum(2)).sum(1), pairs(table.sum(1)).sum(1)   # (B,) each
-    total = pairs(table.sum(dim=(1, 2)))                      # (B,)
-    expected = rows * cols / total.clamp(min=1)
-    maximum = (rows + cols) / 2
-    ari = (index - expected) / (maximum - expected)
-    ari = torch.where(maximum == expected, torch.ones_like(ari), ari)     # identical trivial maps
-    ari = torch.where(total > 0, ari, torch.full_like(ari, float("nan")))  # no pixel pairs
-    return ari.nanmean().item()
-
-
-@torch.no_grad()
-def mask_quality(masks, objects):
-    """How well the N slots cover the true objects: dict of ari, ari_fg and miou (floats in [−1, 1]/[0, 1]).
-
-    masks: (B, N, H, W) soft masks; objects: (B, H, W) int, 0 = background, 1..K objects.
-    ari: argmax slot map vs the full object map (background is one more segment);
-    ari_fg: the same on foreground pixels only;
-    miou: for every object (not the background), the best IoU over the N binarised argmax slots,
-          averaged over all objects of the batch.
-    """
-    slots = masks.argmax(dim=1)                               # (B, H, W) hard slot map
-    N, K = masks.shape[1], int(objects.max()) + 1
-    in_slot = F.one_hot(slots.flatten(1), N).float()          # (B, P, N)
-    in_object = F.one_hot(objects.flatten(1).long(), K).float()         # (B, P, K)
-    inter = in_object.transpose(1, 2) @ in_slot               # (B, K, N) pixels in both
-    union = in_object.sum(1)[:, :, None] + in_slot.sum(1)[:, None, :] - inter
-    best = (inter / union.clamp(min=1)).amax(dim=2)           # (B, K) best slot per object
-    present = in_object.sum(1) > 0                            # (B, K)
-    present[:, 0] = False                                     # the background is not an object
-    return dict(ari=adjusted_rand_index(slots, objects),
-                ari_fg=adjusted_rand_index(slots, objects, ignore=0),
-                miou=best[present].mean().item())
-
-
-@torch.no_grad()
-def shapes_mask_quality(masker, num_images, device, seed=0, batch_size=128):
-    """mask_quality of a learned masker on the first num_images of the shapes test split."""
-    info = dataset_info("shapes")
-    size = masker.img_size                                    # the masker takes only its own size
-    shapes = Shapes("test", size, num_images, seed, transform=eval_transform(size, info["mean"], info["std"]))
-    images = torch.stack([shapes[i][0] for i in range(num_images)])                  # (n, 3, H, W)
-    objects = torch.stack([torch.from_numpy(shapes.object_map(i)) for i in range(num_images)])  # (n, H, W)
-    masks = torch.cat([masker(x.to(device)).cpu() for x in images.split(batch_size)])  # (n, N, H, W)
-    return mask_quality(masks, objects)
 
 
 # ---- main ----------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ import re
 
 import torch
 
+import recipes
+from encoders import ARCHS
+from run_setup import build_model
+
 RELEASED_METHODS = {              # released --method → (our --method, ADIOS-s)
     "simclr_adios": ("simclr", False), "simclr_adios_s": ("simclr", True),
     "byol_adios": ("byol", False), "byol_adios_s": ("byol", True),
@@ -114,11 +118,9 @@ def released_train_args(released, run_dir):
 
     What shapes the model comes from args.json (refused in one line if missing or not buildable here);
     the recipe's rates, jitter and SimSiam terms too where args.json has them, the rest from train.py's
-    recipe tables (train.py:recipe_for) and defaults. The authors' paths (data_dir, checkpoint_dir,
+    recipe tables (recipes.py:recipe_for) and defaults. The authors' paths (data_dir, checkpoint_dir,
     wandb_dir) are never taken: --data_dir keeps train.py's default, --output_dir is the run folder.
     """
-    import train                                              # here: train.py imports the whole training stack
-    from encoders import ARCHS
     method, dataset, arch = need(released, "method"), need(released, "dataset"), need(released, "encoder")
     if method not in RELEASED_METHODS:
         raise ReleasedError(f"args.json 'method' {method!r} is not one of the released ADIOS methods "
@@ -161,11 +163,11 @@ def released_train_args(released, run_dir):
             if theirs in released:
                 ours[flag] = bool(released[theirs])
     # train.py's parser picks the recipe; the values above win over it, as flags given on a command line do.
-    args = train.get_args_parser().parse_args(["--dataset", RELEASED_DATASETS[dataset], "--method", base,
+    args = recipes.get_args_parser().parse_args(["--dataset", RELEASED_DATASETS[dataset], "--method", base,
                                                "--arch", arch, "--output_dir", run_dir])
     vars(args).update(ours, img_size=img_size)
-    args = train.resolve_args(args)
-    if problem := train.train_args_problem(args):
+    args = recipes.resolve_args(args)
+    if problem := recipes.train_args_problem(args):
         raise ReleasedError(f"args.json describes a model this repo cannot build: {problem}")
     return args
 
@@ -259,7 +261,6 @@ def load_released(path):
     for BYOL from the released momentum_* tensors), every tensor loaded, in eval mode on the CPU.
     args: train.py's arguments of that run (released_train_args). Raises ReleasedError (one line).
     """
-    from run_setup import build_model
     ckpt_path, args_path = run_files(path)
     try:
         with open(args_path) as f:

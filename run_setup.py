@@ -2,6 +2,7 @@
 the autocast precision, the data, and the model (bench.py builds the same). README: "Reading guide".
 """
 import datetime
+import inspect
 import os
 import sys
 import time
@@ -13,7 +14,9 @@ import cli_checks
 import data
 import gpu_augment
 from adios import ADIOS
+from batchnorm import convert_to_slot_batchnorm
 from encoders import build_encoder
+from losses import distributed_world  # noqa: F401  (rank, world size): defined beside the gather that needs it
 from masker import BlockMasker, Masker, RandomPatchMasker
 
 
@@ -154,7 +157,31 @@ def build_model(args, num_classes, world=1, device=torch.device("cpu")):
         model.net.encoder.compile()
         if isinstance(model.masker, Masker):
             model.masker.compile()
-    if world > 1:      # per-slot BatchNorm statistics over the global batch (encoders.SlotSyncBatchNorm)
-        on_gpu = device.type == "cuda"
-        model.distribute(device_ids=[device.index] if on_gpu else None, sync_batchnorm=args.sync_bn)
+    if world > 1:
+        distribute(model, device_ids=[device.index] if device.type == "cuda" else None, sync_batchnorm=args.sync_bn)
     return model
+
+
+def distribute(model, device_ids=None, sync_batchnorm=False):
+    """Give ADIOS's f_θ and M_φ each their own DistributedDataParallel wrapper, in model.ddp (under torchrun).
+
+    The encoder step differentiates through the wrapped f_θ only (masks under no_grad); the masker step
+    through the wrapped M_φ only (f_θ frozen and called unwrapped), so each wrapper sees all its parameters
+    used in every backward. sync_batchnorm: BatchNorm statistics over the global batch, still per slot
+    (batchnorm.SlotSyncBatchNorm; gloo or NCCL).
+    """
+    if sync_batchnorm:
+        for module in (model.net, model.target):
+            if module is not None:
+                convert_to_slot_batchnorm(module, sync=True)
+    # No buffer broadcast before each forward: BatchNorm statistics stay per rank (or are synced by
+    # SlotSyncBatchNorm). torch ≥ 2.13 names the switch forward_sync_buffers, older ones broadcast_buffers.
+    DDP = torch.nn.parallel.DistributedDataParallel
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"
+    model.ddp["net"] = DDP(model.net, device_ids=device_ids, **{quiet: False})
+    if model.has_masker_step:                                 # fixed (random/block) maskers need none
+        model.ddp["masker"] = DDP(model.masker, device_ids=device_ids, **{quiet: False})
+    if model.target is not None:                              # start every rank's target from rank 0's
+        for t in model.target.state_dict().values():
+            dist.broadcast(t, 0)

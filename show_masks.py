@@ -23,7 +23,7 @@ import cli_checks
 import data
 import released
 from cli_checks import Parser
-from eval_linear import learned_masker
+from checkpoint import learned_masker
 from monitor import draw_masks
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")

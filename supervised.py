@@ -22,7 +22,7 @@ from tqdm import tqdm
 import cli_checks
 import data
 import optim
-import train
+import recipes
 from checkpoint import save_checkpoint
 from cli_checks import output_dir_problem, train_args_problem
 from encoders import build_encoder
@@ -36,13 +36,13 @@ SUPERVISED = dict(lr=1e-3, weight_decay=0.05)
 
 def parse_args(argv):
     """train.py's flags, resolved as there; the default folder is runs/<dataset>_supervised_<arch>[_seedK]."""
-    args = train.get_args_parser().parse_args(argv)
+    args = recipes.get_args_parser().parse_args(argv)
     named = args.output_dir is not None
     if "optimizer" in vars(args):
         fail("--optimizer: supervised.py always trains with AdamW (the flag is train.py's); drop it")
     for key, value in {**SUPERVISED, "optimizer": "adamw"}.items():      # unless given
         vars(args).setdefault(key, value)
-    args = train.resolve_args(args)
+    args = recipes.resolve_args(args)
     if problem := train_args_problem(args):
         fail(problem)
     if not named:

@@ -1,25 +1,24 @@
-"""Tests of the mask generator, encoders, losses and the two ADIOS objectives (CPU, seconds each).
+"""Tests of adios.py: the two ADIOS objectives, the sparsity penalty, ADIOS-s, the online probe, the stats,
+BYOL's momentum update and the public attributes (CPU, seconds each).
 
-The objectives are checked against naive loops written here from the paper's formulas, in float64.
+The objectives are checked against the authors' per-slot loop (released_loop.py), in float64. The mask
+generator, encoders, losses and per-slot BatchNorm have their tests in tests/ (test_masker.py, test_encoders.py,
+test_losses.py, test_batchnorm.py).
 """
 import copy
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-from adios import ADIOS, byol_tau, simclr_loss, sparsity_penalty
-from encoders import SlotBatchNorm2d, SlotSyncBatchNorm, convert_to_slot_batchnorm, slot_statistics
-from encoders import build_encoder
+import adios
+import encoders
+import released_loop
+from adios import ADIOS, sparsity_penalty
+from losses import simclr_loss
 from masker import Masker
-
 
 
 def tiny_encoder(feat_dim=16):
@@ -43,101 +42,7 @@ def views(B=6, img=16, seed=1):
             torch.randn(B, 3, img, img, generator=g, dtype=torch.float64))
 
 
-# ---- masker.py ----
-
-@pytest.mark.parametrize("norm", ["gn", "in", "none"])
-@pytest.mark.parametrize("img", [16, 32, 64, 96])
-def test_masks_partition_every_pixel(norm, img):
-    m = Masker(4, img, base_channels=8, norm=norm)
-    masks = m(torch.randn(2, 3, img, img))
-    assert masks.shape == (2, 4, img, img)
-    assert (masks >= 0).all()
-    torch.testing.assert_close(masks.sum(1), torch.ones(2, img, img))
-
-
-def test_masker_block_count_and_table():
-    assert Masker(2, 32).num_blocks == 4 and Masker(2, 96).num_blocks == 5 and Masker(2, 224).num_blocks == 6
-    m = Masker(2, 96, base_channels=8)                        # the K = 5 row of the table
-    assert [b[0].in_channels for b in m.down] == [3, 8, 8, 16, 16]
-    assert [b[0].out_channels for b in m.down] == [8, 8, 16, 16, 16]
-    assert [b[0].in_channels for b in m.up] == [32, 32, 32, 16, 16]
-    assert [b[0].out_channels for b in m.up] == [16, 16, 8, 8, 8]
-    assert m.mlp[0].in_features == 16 * 6 * 6 and m.mlp[2].out_features == 128
-
-
-def test_unet_skips_carry_the_image_past_the_bottleneck():
-    # With the bottleneck MLP silenced (its last layer zeroed), the masks can depend on the image only
-    # through the U-Net's skip connections: they must still differ between images and across pixels.
-    torch.manual_seed(0)
-    m = Masker(4, 32, base_channels=8)
-    with torch.no_grad():
-        m.mlp[-2].weight.zero_()
-        m.mlp[-2].bias.zero_()
-    masks = m(torch.randn(2, 3, 32, 32))                      # (2, 4, 32, 32)
-    assert (masks[0] - masks[1]).abs().max() > 1e-2
-    assert masks[0].flatten(1).std(dim=1).max() > 1e-2
-
-
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(num_masks=3, img_size=100), "multiple of 16"),
-    (dict(num_masks=3, img_size=32, base_channels=12), "GroupNorm"),
-    (dict(num_masks=1, img_size=32), "at least 2"),
-    (dict(num_masks=0, img_size=32), "at least 2"),
-    (dict(num_masks=3, img_size=32, norm="bn"), "norm"),
-])
-def test_masker_rejects_what_it_cannot_take(kwargs, words):
-    with pytest.raises(ValueError, match=words):
-        Masker(**kwargs)
-
-
-# ---- encoders.py ----
-
-@pytest.mark.parametrize("arch, img, dim", [("resnet18", 32, 512), ("resnet18", 64, 512),
-                                            ("vit_tiny", 32, 192)])
-def test_encoder_features(arch, img, dim):
-    net, feat_dim = build_encoder(arch, img)
-    assert feat_dim == dim and net(torch.randn(2, 3, img, img)).shape == (2, dim)
-
-
-def test_resnet_stems_follow_the_size_rule():
-    assert build_encoder("resnet18", 32)[0].conv1.kernel_size == (3, 3)
-    assert build_encoder("resnet18", 96)[0].conv1.kernel_size == (7, 7)
-    assert build_encoder("resnet18", 32, stem="standard")[0].conv1.kernel_size == (7, 7)
-
-
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_resnet_weights_load_into_plain_torchvision(arch):
-    net, _ = build_encoder(arch, 96)
-    reference = getattr(torchvision.models, arch)()
-    assert set(net.state_dict()) == {k for k in reference.state_dict() if not k.startswith("fc.")}
-    result = reference.load_state_dict(net.state_dict(), strict=False)
-    assert result.unexpected_keys == [] and set(result.missing_keys) == {"fc.weight", "fc.bias"}
-    torch.testing.assert_close(reference.layer4[-1].conv2.weight, net.layer4[-1].conv2.weight)
-
-
-@pytest.mark.parametrize("arch, img", [("vgg", 32), ("vit_tiny", 40)])
-def test_encoder_rejects_unknown_arch_and_unpatchable_size(arch, img):
-    with pytest.raises(ValueError):
-        build_encoder(arch, img)
-
-
-# ---- losses ----
-
-def naive_nt_xent(z1, z2, T):
-    """Per anchor: −log(exp(s_pos/T) / Σ_{k ≠ anchor} exp(s_k/T)), averaged over the 2B anchors."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    B, total = z1.shape[0], 0.0
-    for i in range(2 * B):
-        pos = (i + B) % (2 * B)
-        sims = torch.stack([z[i] @ z[k] / T for k in range(2 * B) if k != i])
-        total = total - (z[i] @ z[pos] / T - torch.logsumexp(sims, 0))
-    return total / (2 * B)
-
-
-def test_simclr_loss_equals_naive_per_anchor():
-    z1, z2 = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
-    torch.testing.assert_close(simclr_loss(z1, z2, 0.2), naive_nt_xent(z1, z2, 0.2))
-
+# ---- the sparsity penalty ----
 
 def constant_masks(areas, size=8):
     """Masks (B, 1, size, size) whose slot covers a fraction `areas[b]` of the image exactly."""
@@ -166,35 +71,12 @@ def test_sparsity_penalty_upcasts_half_precision(dtype):
     assert p.dtype == torch.float32 and torch.isfinite(p) and p > 1e9
 
 
-def test_byol_tau_schedule():
-    assert byol_tau(0, 100) == pytest.approx(0.99) and byol_tau(100, 100) == pytest.approx(1.0)
-    assert 0.99 < byol_tau(50, 100) < 1.0
-
-
 # ---- the objectives against naive per-slot loops (float64) ----
 
 def naive_ssl(model, x_a, x_b, m_a, m_b):
-    """The released schedule: for every slot, encode the clean view(s) again, then the masked view(s)."""
-    net, T, total = model.net, model.temperature, 0
-    cos = lambda p, z: F.cosine_similarity(p, z.detach(), dim=-1).mean()
-    for n in range(m_b.shape[1]):
-        hide_b = m_b[:, n:n + 1]
-        if model.method == "simclr":
-            total = total + simclr_loss(net(x_a)[1], net(x_b * (1 - hide_b))[1], T)
-        elif model.method == "byol":
-            p_a, p_b = net(x_a)[2], net(x_b * (1 - hide_b))[2]
-            with torch.no_grad():
-                t_a, t_b = model.target(x_a)[1], model.target(x_b * (1 - hide_b))[1]
-            total = total + (2 - 2 * cos(p_a, t_b)) + (2 - 2 * cos(p_b, t_a))
-        else:
-            _, z1, p1, _ = net(x_a)
-            _, z2, p2, _ = net(x_b)
-            _, z1m, p1m, _ = net(x_a * (1 - m_a[:, n:n + 1]))
-            _, z2m, p2m, _ = net(x_b * (1 - hide_b))
-            pairs = [(p1m, z2, p2m, z1), (p1, z2m, p2, z1m), (p1, z2, p2, z1), (p1m, z2m, p2m, z1m)]
-            terms = [-(cos(a, b) + cos(c, d)) / 2 for a, b, c, d in pairs]
-            total = total + sum(terms) / 4
-    return total
+    """Σ_n L_ssl as the authors' loop computes it (released_loop.py): for every slot the clean view(s)
+    encoded again, then the masked view(s), one call each."""
+    return sum(released_loop.slot_loss(model, x_a, x_b, h_a, h_b) for h_a, h_b in released_loop.hides(m_a, m_b, None))
 
 
 def byol_constant_term(model, x_a, x_b, m_b):
@@ -301,42 +183,22 @@ def test_a_masker_step_raises_the_ssl_loss(method):
     assert after["ssl_loss"] > before
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_slot_batchnorm_equals_one_call_per_slot(momentum):
-    """Running statistics and outputs of the batched slots equal S separate train-mode calls."""
-    torch.manual_seed(0)
-    plain = nn.BatchNorm2d(4, momentum=momentum).double()
-    plain.weight.data.uniform_(0.5, 1.5)
-    slotted = convert_to_slot_batchnorm(nn.Sequential(copy.deepcopy(plain)))[0]
-    assert isinstance(slotted, SlotBatchNorm2d)
-    x = torch.randn(3, 5, 4, 6, 6, dtype=torch.float64) * torch.arange(1, 4).view(3, 1, 1, 1, 1)
-    expected = torch.cat([plain(x[s]) for s in range(3)])
-    with slot_statistics(slotted, 3):
-        out = slotted(x.flatten(0, 1))
-    torch.testing.assert_close(out, expected)
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(slotted, name), getattr(plain, name))
-    assert slotted.slots == 1                                  # restored after the block
-
-
-def test_sync_conversion_keeps_weights_and_state_dict_keys():
-    """Multi-process runs swap in SlotSyncBatchNorm (per-slot statistics over all ranks; test_distributed.py runs it)."""
-    model = tiny_adios("byol")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    for module in (model.net, model.target):
-        convert_to_slot_batchnorm(module, sync=True)
-    assert sum(isinstance(m, SlotSyncBatchNorm) for m in model.modules()) == count == 7
-    after = model.state_dict()
-    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-
-
 def test_stats_report_areas():
     model = tiny_adios("simclr", num_masks=3)
     _, stats = model.masker_loss(*views())
     areas = [stats[f"area_{n}"] for n in range(3)]
     assert sum(areas) == pytest.approx(1.0)
     assert all(stats[f"area_{n}_min"] <= stats[f"area_{n}"] <= stats[f"area_{n}_max"] for n in range(3))
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in stats.values())
+
+
+def test_the_stats_stay_on_the_device():
+    torch.manual_seed(0)
+    model = adios.ADIOS(encoders.build_encoder("resnet18", 32, "standard")[0], 512, masker=None, num_classes=4,
+                        proj_hidden_dim=16, proj_output_dim=8)
+    x = torch.randn(2, 4, 3, 32, 32)
+    _, stats = model.encoder_loss(x[0], x[1], torch.tensor([0, 1, -1, 3]))
+    assert {"ssl_loss", "penalty", "online_ce", "online_acc"} <= set(stats)
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in stats.values())
 
 
@@ -401,39 +263,6 @@ def test_public_attributes():
         ("byol", 4, 0.5, 0.2, True)
     assert model.encoder is model.net.encoder and model.predictor is not None
     assert tiny_adios("simclr").predictor is None
-    assert not any(k.startswith("players") for k in model.state_dict())
-
-
-# ---- SimCLR negatives across ranks (gloo, two processes) ----
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cross_rank_worker(rank, world, port, z1, z2, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    B = z1.shape[0] // world
-    a = z1[rank * B:(rank + 1) * B].clone().requires_grad_()
-    b = z2[rank * B:(rank + 1) * B].clone().requires_grad_()
-    loss = simclr_loss(a, b, 0.2)
-    loss.backward()
-    out[rank] = (loss.detach(), a.grad, b.grad)
-    dist.destroy_process_group()
-
-
-def test_cross_rank_simclr_equals_one_process_on_the_whole_batch():
-    world = 2
-    z1, z2 = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
-    out = mp.Manager().dict()
-    mp.spawn(_cross_rank_worker, args=(world, free_port(), z1, z2, out), nprocs=world)
-    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    whole = simclr_loss(a, b, 0.2)
-    whole.backward()
-    # Each rank's loss is the mean over its anchors; their average is the whole batch's loss, and
-    # DDP's averaging of the gradients (÷ world) gives the whole batch's gradient.
-    torch.testing.assert_close(sum(out[r][0] for r in range(world)) / world, whole)
-    torch.testing.assert_close(torch.cat([out[r][1] for r in range(world)]) / world, a.grad)
-    torch.testing.assert_close(torch.cat([out[r][2] for r in range(world)]) / world, b.grad)
+    # The DDP wrappers live in model.ddp (a plain dict, empty in one process): never in the state_dict.
+    assert model.ddp == {}
+    assert not any(k.split(".")[0] == "ddp" or "module" in k.split(".") for k in model.state_dict())

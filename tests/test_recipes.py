@@ -1,4 +1,5 @@
-"""The 15 released training runs, checked against the presets of train.py.
+"""The 15 released training runs, checked against the presets of recipes.py (as train.py --dry_run resolves
+them); and the recipes' defaults, default folders and the global batch.
 
 The authors of ADIOS released one shell script per training run:
 bash_files/training/<folder>/<method>_adios[_s].sh of github.com/YugeTen/adios, for the folders
@@ -28,10 +29,13 @@ SimCLR and BYOL have no --num_blocks: their U-Net always has int(log2(img_size) 
 (5 at 96 px, 6 at 224 px). SimSiam has the flag (default 4) and every SimSiam script sets it.
 """
 import math
+import os
 
 import pytest
 
+import recipes
 import train
+from helpers import TINY
 
 # ---- what each released script sets -----------------------------------------------------------------
 # Flags that only name directories, logging or the GPU (--data_dir, --wandb*, --checkpoint_dir, --project,
@@ -243,3 +247,82 @@ def test_command_line_flag_wins_over_recipe(extra, key, value):
     # nothing else moves: every other value is still the recipe's (the default folder names a shaping flag)
     assert {k: v for k, v in got.items() if k not in (key, "output_dir")} == {
         k: v for k, v in recipe.items() if k not in (key, "output_dir")}
+
+
+# ---- the defaults, the demo's and the recipes', as train.py resolves them ----
+
+def test_each_kind_of_run_gets_its_own_default_folder():
+    # So that `python train.py --dataset cifar10` after the quickstart starts a new run instead of being
+    # refused, and a baseline never resumes the ADIOS run's checkpoint.
+    folder = lambda *flags: train.main([*flags, "--dry_run"])["output_dir"]    # noqa: E731
+    assert folder() == os.path.join("runs", "shapes_simclr_resnet18")
+    assert folder("--dataset", "cifar10", "--method", "byol") == os.path.join("runs", "cifar10_byol_resnet18")
+    assert folder("--num_masks", "0") == os.path.join("runs", "shapes_simclr_resnet18_base")
+    assert folder("--mask_type", "block", "--seed", "1") == os.path.join("runs", "shapes_simclr_resnet18_block_seed1")
+    assert folder("--dataset", "imagenet100", "--img_size", "96", "--single_mask") == \
+        os.path.join("runs", "imagenet100-96px_simclr_resnet18_adios-s")
+    assert folder("--output_dir", "elsewhere") == "elsewhere"
+
+
+def test_recipe_fills_what_is_not_given():
+    args = train.main(["--dataset", "stl10", "--method", "byol", "--alpha", "0.5", "--dry_run"])
+    assert (args["lr"], args["mask_lr"], args["num_masks"], args["mask_channels"]) == \
+        (0.2920279558260822, 0.09281403683825379, 6, 64)      # the released run's values (test_recipes.py: all 15)
+    assert args["alpha"] == 0.5 and args["optimizer"] == "lars" and args["img_size"] == 96
+    args = train.main(["--dataset", "imagenet100", "--img_size", "224", "--dry_run"])
+    assert args["single_mask"] and args["mask_channels"] == 8
+
+
+def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
+    monkeypatch.setattr(recipes.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert recipes.default_workers("cuda") == 16            # one GPU on a 16-core host: every core
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")           # torchrun --nproc_per_node=4
+    assert recipes.default_workers("cuda") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert recipes.default_workers("cuda") == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert recipes.default_workers("cpu") == 1              # training on the CPU: the cores compute, one worker loads
+    monkeypatch.setattr(recipes.torch.cuda, "is_available", lambda: False)
+    assert recipes.default_workers(None) == 1               # no --device and no GPU: the CPU
+    assert train.main([*TINY[:4], "--dry_run"])["workers"] == 1    # what --workers means when not given
+
+
+def test_the_demo_defaults_are_the_cpu_demo_only():
+    """shapes without a recipe gets SHAPES_DEFAULTS (N = 2, 14 epochs, α = 0.5) in its plain default folder; a
+    flag given wins and names the folder; a dataset with a released recipe never sees them."""
+    demo = train.main(["--dry_run"])
+    assert (demo["num_masks"], demo["epochs"], demo["batch_size"], demo["alpha"]) == (2, 14, 64, 0.5)
+    assert demo["output_dir"] == os.path.join("runs", "shapes_simclr_resnet18")
+    given = train.main(["--num_masks", "4", "--epochs", "6", "--dry_run"])
+    assert (given["num_masks"], given["epochs"]) == (4, 6)
+    assert given["output_dir"] == os.path.join("runs", "shapes_simclr_resnet18_num_masks4")   # epochs: running
+    cifar = train.main(["--dataset", "cifar10", "--dry_run"])
+    assert (cifar["num_masks"], cifar["epochs"], cifar["alpha"]) == \
+        (recipes.DEFAULTS["num_masks"], recipes.DEFAULTS["epochs"], recipes.DEFAULTS["alpha"])
+
+
+def folder(*flags):
+    return train.main([*flags, "--dry_run"])["output_dir"]
+
+
+def test_default_folder_tells_configurations_apart():
+    assert folder() == os.path.join("runs", "shapes_simclr_resnet18")
+    assert folder("--alpha", "0.7") == os.path.join("runs", "shapes_simclr_resnet18_alpha0.7")
+    assert folder("--alpha", "0.7", "--lr", "1.0") == os.path.join("runs", "shapes_simclr_resnet18_alpha0.7_lr1.0")
+    assert folder("--alpha", "0.5", "--batch_size", "64") == folder()               # the demo's own values
+    assert folder("--dataset", "stl10", "--batch_size", "128") == os.path.join("runs", "stl10_simclr_resnet18_batch128")
+    many = folder("--alpha", "0.7", "--lr", "1.0", "--mask_lr", "0.1", "--temperature", "0.3", "--weight_decay", "0")
+    assert many.startswith(os.path.join("runs", "shapes_simclr_resnet18_flags-")) and len(many) < 50
+    assert many != folder("--alpha", "0.7", "--lr", "1.0", "--mask_lr", "0.1", "--temperature", "0.3")
+
+
+def test_the_recipe_batch_is_the_global_batch(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")            # torchrun's, read before any process group exists
+    assert recipes.parse_args(["--dataset", "stl10"]).batch_size == 64                 # 256 / 4
+    assert recipes.parse_args(["--dataset", "stl10", "--batch_size", "32"]).batch_size == 32    # given: per process
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as e:
+        recipes.parse_args(["--dataset", "stl10"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "global batch 256 does not divide among 3" in err

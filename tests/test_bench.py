@@ -1,14 +1,17 @@
-"""Tests of bench.py (CPU, seconds): it runs, and its released schedule is the same mathematics as ours."""
+"""Tests of bench.py (CPU, seconds): it runs, and its released schedule is the same mathematics as ours.
+Its --world mode (bench_world.py): test_bench_world.py."""
 import copy
 import json
 
 import pytest
 import torch
 
+import batchnorm
 import bench
-
-TINY = ["--device", "cpu", "--threads", "1", "--img_size", "32", "--batch_size", "8", "--num_masks", "2",
-        "--mask_channels", "8", "--proj_hidden_dim", "32", "--proj_output_dim", "16", "--pred_hidden_dim", "16"]
+import recipes
+import released_loop
+from helpers import BENCH_TINY as TINY
+from losses import byol_loss
 
 
 @pytest.fixture(autouse=True)
@@ -60,8 +63,9 @@ def test_released_schedule_is_the_same_mathematics(method):
     ours, released, x_a, x_b, labels = pair(method)
     assert ours.batch_slots and not released.batch_slots
     # Encoder step: same loss (SSL sum + online probe), same gradients for f_θ.
-    loss, _ = ours.encoder_loss(x_a, x_b, labels)
-    ref = bench.released_encoder_loss(released, x_a, x_b, labels)
+    with batchnorm.as_released(ours, "encoder"):          # BatchNorm's running statistics as train.py moves them
+        loss, _ = ours.encoder_loss(x_a, x_b, labels)
+    ref = released_loop.encoder_loss(released, x_a, x_b, labels)
     torch.testing.assert_close(loss, ref)
     loss.backward()
     ref.backward()
@@ -69,8 +73,9 @@ def test_released_schedule_is_the_same_mathematics(method):
     # Masker step: same loss −Σ L_ssl + α·P, same gradients for M_φ, none for f_θ.
     for model in (ours, released):
         model.zero_grad(set_to_none=True)
-    loss, _ = ours.masker_loss(x_a, x_b)
-    ref = bench.released_masker_loss(released, x_a, x_b)
+    with batchnorm.as_released(ours, "masker"):
+        loss, _ = ours.masker_loss(x_a, x_b)
+    ref = released_loop.masker_loss(released, x_a, x_b)
     torch.testing.assert_close(loss, ref + byol_constant_term(released, x_a, x_b))
     loss.backward()
     ref.backward()
@@ -89,7 +94,7 @@ def byol_constant_term(model, x_a, x_b):
     model = copy.deepcopy(model)
     with torch.no_grad():
         m_b, p_a = model.masker(x_b), model.net(x_a).p
-        return sum(bench.byol_loss(p_a, model.target(x_b * (1 - m_b[:, n:n + 1])).z) for n in range(m_b.shape[1]))
+        return sum(byol_loss(p_a, model.target(x_b * (1 - m_b[:, n:n + 1])).z) for n in range(m_b.shape[1]))
 
 
 def test_loader_reports_cpu_workers_and_gpu_augment(capsys, tmp_path):
@@ -101,21 +106,6 @@ def test_loader_reports_cpu_workers_and_gpu_augment(capsys, tmp_path):
     assert result["cpu_workers"]["0"] > 0 and result["gpu_augment"] > 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["cpu_workers"] == result["cpu_workers"]
-
-
-def test_world_times_synchronised_processes_and_counts_their_collectives(capsys):
-    # Two gloo processes, one iteration per side. Our per-slot BatchNorm makes one collective per layer
-    # and direction for all N slots; the released schedule, one call per slot, N times as many.
-    result = bench.main([*TINY, "--img_size", "16", "--world", "2", "--steps", "1", "--repeats", "1", "--warmup", "0"])
-    assert result["mode"] == "world" and result["single_ms"] > 0 and result["world_ms"] > 0
-    ours, released = (result["collectives_per_iteration"][k] for k in ("ours", "released"))
-    assert ours["batchnorm"] > 0 and released["batchnorm"] == 2 * ours["batchnorm"]          # N = 2
-    # NT-Xent's gathers, forward and backward (the masker step's clean side has no gradient). Released: 2 per
-    # slot and step forward, 2 per slot back in the encoder step, 1 in the masker step: 7N. Ours: the clean
-    # side once per step: N + 1 per step forward, N + 1 back in the encoder step, N in the masker step: 4N + 3.
-    assert released["simclr_negatives"] == 7 * 2 and ours["simclr_negatives"] == 4 * 2 + 3
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["collectives_per_iteration"] == result["collectives_per_iteration"]
 
 
 def test_syncs_counts_the_host_waits_of_train_loop(capsys):
@@ -130,9 +120,8 @@ def test_syncs_counts_the_host_waits_of_train_loop(capsys):
 def test_cpu_figures_keep_their_ground(monkeypatch):
     """`python bench.py --device cpu` times ResNet18 at 32 px, batch 64, N 4, c 16 (README's "Performance"
     figures), whatever the CPU demo's defaults become; a flag given still wins."""
-    import train
-    monkeypatch.setitem(train.SHAPES_DEFAULTS, "num_masks", 3)          # a demo that changed
-    monkeypatch.setitem(train.SHAPES_DEFAULTS, "batch_size", 16)
+    monkeypatch.setitem(recipes.SHAPES_DEFAULTS, "num_masks", 3)          # a demo that changed
+    monkeypatch.setitem(recipes.SHAPES_DEFAULTS, "batch_size", 16)
     seen = []
     monkeypatch.setattr(bench, "bench_iteration", lambda a, device: seen.append(bench.train_args(a, device)) or {})
     bench.main(["--device", "cpu", "--threads", "1"])

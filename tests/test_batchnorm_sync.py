@@ -1,7 +1,7 @@
 """Tests of the per-slot synchronised BatchNorm and of train.py under torchrun: two processes, CPU, gloo.
 
 Two processes with half a batch each must compute what one process computes on the whole batch: the
-layer (encoders.SlotSyncBatchNorm) against the paper's per-slot loop of plain BatchNorm calls, and two
+layer (batchnorm.SlotSyncBatchNorm) against the paper's per-slot loop of plain BatchNorm calls, and two
 steps of train.py against one process with the doubled batch, all in float64. One torchrun launch
 runs every two-process part (processes are slow to start on a small CPU); the one-process references
 run here meanwhile, and the tests compare.
@@ -17,9 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import train
-from encoders import SlotBatchNorm2d, SlotSyncBatchNorm, convert_to_slot_batchnorm, slot_statistics
-
-REPO = os.path.dirname(os.path.abspath(__file__))
+from batchnorm import convert_to_slot_batchnorm, slot_statistics
+from helpers import REPO, TESTS
 
 
 # ---- the layer, on each rank ------------------------------------------------------------------------
@@ -151,24 +150,24 @@ def layer_results(rank):
 
 TORCHRUN_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
-sys.path.insert(0, {repo!r})
-import adios, run_setup, test_distributed, train
+sys.path[:0] = [{repo!r}, {tests!r}]
+import run_setup, test_batchnorm_sync, train
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-torch.save(test_distributed.layer_results(rank), os.path.join({out!r}, f"layer{{rank}}.pth"))
+torch.save(test_batchnorm_sync.layer_results(rank), os.path.join({out!r}, f"layer{{rank}}.pth"))
 group = dist.new_group(backend="gloo")        # the marker-file rule: one disk for both, then one each
 disks = [run_setup.sees_rank0_files(os.path.join({out!r}, folder), group) for folder in ("shared", f"own{{rank}}")]
 torch.save(disks, os.path.join({out!r}, f"disks{{rank}}.pth"))
 
 torch.set_default_dtype(torch.float64)
-record, real_step, real_distribute = {{}}, train.adios_step, adios.ADIOS.distribute
+record, real_step, real_distribute = {{}}, train.adios_step, run_setup.distribute
 def adios_step(model, x_a, x_b, labels, *rest):
     record.setdefault("batches", []).append((x_a.clone(), x_b.clone(), labels.clone()))
     return real_step(model, x_a, x_b, labels, *rest)
-def distribute(self, *args, **kwargs):
-    record["model"] = self
-    return real_distribute(self, *args, **kwargs)
-train.adios_step, adios.ADIOS.distribute = adios_step, distribute
+def distribute(model, *args, **kwargs):
+    record["model"] = model
+    return real_distribute(model, *args, **kwargs)
+train.adios_step, run_setup.distribute = adios_step, distribute
 init, destroy = dist.init_process_group, dist.destroy_process_group
 dist.init_process_group = dist.destroy_process_group = lambda *args, **kwargs: None   # one group for all
 for method in {methods!r}:
@@ -179,10 +178,12 @@ for method in {methods!r}:
 destroy()
 """
 
-# test_train.py's tiny run with N = 2 slots, 4 images per process (8 per step, 4 steps an epoch), two steps.
+# test_train.py's tiny run (helpers.TINY) with N = 2 slots, 4 images per process (8 per step, 4 steps an epoch),
+# two steps, α₂ on.
 TINY = ["--num_images", "32", "--workers", "0", "--proj_hidden_dim", "32", "--proj_output_dim", "16",
         "--pred_hidden_dim", "16", "--mask_channels", "8", "--num_masks", "2", "--img_size", "16", "--device", "cpu",
-        "--precision", "fp32", "--max_steps", "2"]
+        "--precision", "fp32", "--max_steps", "2",
+        "--alpha_entropy", "0.5"]        # α₂, a sum over the batch: the processes must weigh it as one process does
 METHODS = ("simclr", "byol")
 
 
@@ -212,7 +213,7 @@ def launch(tmp_path_factory):
     what they raised: only the train.py test needs them)."""
     out = tmp_path_factory.mktemp("two_ranks")
     script = out / "two_ranks.py"
-    script.write_text(TORCHRUN_SCRIPT.format(repo=REPO, out=str(out), methods=METHODS))
+    script.write_text(TORCHRUN_SCRIPT.format(repo=REPO, tests=TESTS, out=str(out), methods=METHODS))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            *TINY, "--batch_size", "4"]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -296,24 +297,6 @@ def test_each_process_learns_whether_it_shares_rank_0s_disk(launch):
     seen = [torch.load(launch["out"] / f"disks{r}.pth") for r in range(2)]
     assert seen == [[True, True], [True, False]], launch["stderr"][-3000:]
     assert os.listdir(launch["out"] / "shared") == os.listdir(launch["out"] / "own0") == []   # markers removed
-
-
-def test_without_a_process_group_it_is_the_single_process_slot_batchnorm():
-    torch.manual_seed(0)
-    plain = nn.BatchNorm2d(4).double()
-    local = convert_to_slot_batchnorm(nn.Sequential(copy.deepcopy(plain)))[0]
-    synced = convert_to_slot_batchnorm(nn.Sequential(copy.deepcopy(plain)), sync=True)[0]
-    assert isinstance(local, SlotBatchNorm2d) and isinstance(synced, SlotSyncBatchNorm) and not dist.is_initialized()
-    x = torch.randn(12, 4, 3, 3, dtype=torch.float64) * torch.arange(1, 13, dtype=torch.float64).view(12, 1, 1, 1)
-    results = []
-    for layer in (local, synced):
-        xi = x.clone().requires_grad_()
-        with slot_statistics(layer, 3):
-            out = layer(xi)
-        out.pow(3).sum().backward()
-        results.append((out, xi.grad, layer.weight.grad, layer.running_var, layer.num_batches_tracked))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
 
 
 # ---- train.py: two processes against one with the doubled batch (float64) --------------------------

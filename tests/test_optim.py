@@ -1,8 +1,11 @@
-"""Tests of optim.py: LARS and the warmup-cosine learning rate (how train.py applies them: test_train.py)."""
+"""Tests of optim.py: LARS, the warmup-cosine learning rate, and the optimisers' groups (rates, weight decay)
+as build_optimizers makes them for ADIOS (how train.py applies them: test_train.py)."""
 import pytest
 import torch
+import torch.nn as nn
 
 import optim
+from helpers import opt_args, tiny_adios
 
 
 def test_lars_clips_the_local_rate():
@@ -113,3 +116,82 @@ def test_multi_tensor_lars_matches_the_loop_float64(clip):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
                                    rtol=1e-14, atol=1e-15, msg=f"momentum {i}")
         assert not torch.equal(p.detach(), init[i])          # every tensor moved
+
+
+def groups_of(opt):
+    """{id(parameter): its param group} over an optimiser."""
+    return {id(p): g for g in opt.param_groups for p in g["params"]}
+
+
+# ---- wiring 8: SimSiam's predictor keeps its rate ----------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["simsiam", "byol"])
+def test_simsiam_predictor_keeps_its_rate_from_step_0(method):
+    # Ours: SimSiam's predictor at the base rate at every step, step 0 included (the released runs had it
+    # at the warmup's start rate for their first epoch); everything else on warmup-cosine from its own
+    # base rate, BYOL's predictor too.
+    model = tiny_adios(method, num_classes=4)
+    args = opt_args(method)
+    opt_enc, _ = optim.build_optimizers(model, args)
+    predictor = {id(p) for p in model.predictor.parameters()}
+    warmup, total = 10, 50
+    for step in (0, 3, 10, 30, 50):
+        optim.set_learning_rates(opt_enc, step, warmup, total)
+        for group in opt_enc.param_groups:
+            on_predictor = {id(p) for p in group["params"]} <= predictor
+            scheduled = optim.learning_rate(step, group["base_lr"], warmup, total)
+            assert group["lr"] == (args.lr if on_predictor and method == "simsiam" else scheduled), (step, group)
+    optim.set_learning_rates(opt_enc, 0, warmup, total)
+    rates = {g["lr"] for g in opt_enc.param_groups}
+    assert (args.lr in rates) == (method == "simsiam") and 0.003 in rates
+
+
+# ---- wiring 9: weight decay: which groups carry it, and that it is applied ---------------------------------
+
+def test_weight_decay_reaches_the_weights_and_only_them():
+    # As the released runs: both players' optimisers decay their weights (dim ≥ 2) by --weight_decay,
+    # never biases or norm parameters (dim 1, which also skip LARS), and the online probe not at all.
+    model = tiny_adios("simsiam", num_classes=4)
+    args = opt_args("simsiam", optimizer="lars", weight_decay=1e-2)
+    opt_enc, opt_mask = optim.build_optimizers(model, args)
+    groups = {**groups_of(opt_enc), **groups_of(opt_mask)}
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(groups) == len(trained) == sum(len(g["params"]) for o in (opt_enc, opt_mask) for g in o.param_groups)
+    probe = {id(p) for p in model.classifier.parameters()}
+    expected = {}
+    for name, p in trained:
+        decays = p.ndim > 1 and id(p) not in probe
+        expected[name] = decays
+        g = groups[id(p)]
+        assert g["weight_decay"] == (args.weight_decay if decays else 0.0), name
+        assert g["lars"] == (p.ndim > 1), name
+    assert any(n.startswith("masker.") and d for n, d in expected.items())          # the masker's too
+    assert any(n.startswith("masker.") and not d for n, d in expected.items())      # its GroupNorms not
+    # Applied: with zero gradients one LARS step moves exactly the decayed tensors, by lr·wd·w.
+    before = {n: p.detach().clone() for n, p in trained}
+    for _, p in trained:
+        p.grad = torch.zeros_like(p)
+    opt_enc.step()
+    opt_mask.step()
+    for name, p in trained:
+        lr = groups[id(p)]["lr"]
+        torch.testing.assert_close(p.detach(), before[name] * (1 - lr * args.weight_decay * expected[name]),
+                                   rtol=0, atol=1e-15, msg=name)
+
+
+# ---- wiring 11: LARS clips at a base rate other than 1 -----------------------------------------------------
+
+def test_lars_clips_the_local_rate_at_any_base_rate():
+    # local rate = η‖w‖ / (‖g‖ + wd‖w‖), never above the base rate lr:
+    # the step is min(local, lr)·(g + wd·w).
+    lr, wd, eta = 0.1, 0.01, 0.02
+    g = torch.Generator().manual_seed(0)
+    for scale in (1e-4, 1.0):                                  # local rate ≫ lr (clipped to lr); ≪ lr (kept)
+        w = nn.Parameter(torch.randn(4, 5, generator=g, dtype=torch.float64))
+        opt = optim.LARS([dict(params=[w], lr=lr, weight_decay=wd)], lr=lr, momentum=0.0, eta=eta)
+        w.grad = scale * torch.randn(4, 5, generator=g, dtype=torch.float64)
+        w0 = w.detach().clone()
+        local = eta * w0.norm() / (w.grad.norm() + wd * w0.norm())
+        assert (local > 2 * lr) if scale < 1 else (local < lr / 2)
+        opt.step()
+        torch.testing.assert_close(w.detach(), w0 - min(local, lr) * (w.grad + wd * w0), rtol=0, atol=1e-14)

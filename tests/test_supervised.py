@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import eval_linear
+import recipes
 import supervised
 
 TINY = ["--num_images", "64", "--epochs", "2", "--batch_size", "16", "--workers", "0", "--device", "cpu"]
@@ -50,15 +52,14 @@ def test_checkpoint_is_scored_like_any_other(run):
     assert ckpt["args"]["method"] == "supervised" and ckpt["args"]["optimizer"] == "adamw"
     encoder, feat_dim = eval_linear.frozen_encoder(ckpt["args"]["arch"], ckpt["args"]["img_size"],
                                                    ckpt["args"]["stem"], ckpt["encoder"])
-    assert feat_dim == 512 and eval_linear.learned_masker(ckpt) is None
+    assert feat_dim == 512 and checkpoint.learned_masker(ckpt) is None
     logs = [json.loads(line) for line in open(os.path.join(run["out"], "log.jsonl"))]
     assert [entry["epoch"] for entry in logs] == [0, 1] and 0 <= logs[-1]["test_top1"] <= 100
 
 
 def test_the_demo_budget_and_folder():
     """Without flags: train.py's demo settings (epochs, batch, views), AdamW at 1e-3, its own folder."""
-    import train
-    args, ssl = supervised.parse_args([]), train.parse_args([])
+    args, ssl = supervised.parse_args([]), recipes.parse_args([])
     assert (args.epochs, args.batch_size, args.img_size, args.stem, args.jitter) == \
         (ssl.epochs, ssl.batch_size, ssl.img_size, ssl.stem, ssl.jitter)
     assert (args.optimizer, args.lr, args.weight_decay) == ("adamw", 1e-3, 0.05)

@@ -14,11 +14,12 @@ from PIL import Image
 
 import bench
 import eval_linear
+import recipes
 import show_masks
 import supervised
 import train
 
-ROOT = pathlib.Path(__file__).parent
+ROOT = pathlib.Path(__file__).parent.parent                     # the repository
 README = (ROOT / "README.md").read_text()
 PAGES = [README] + [page.read_text() for page in sorted((ROOT / "docs").glob("*.md"))]
 DOCS = "\n".join(PAGES)                                       # README first, then each docs/ page
@@ -67,7 +68,7 @@ def shapes_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("program, argv", commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_readme_command(program, argv, tmp_path, request):
-    args = train.get_args_parser().parse_args(argv) if program == "train.py" else None
+    args = recipes.get_args_parser().parse_args(argv) if program == "train.py" else None
     if program == "train.py" and args.dataset == "shapes":
         # On the embedded data: a real run, two iterations, on a smaller set and batch.
         log = train.main([*argv, "--max_steps", "2", "--output_dir", str(tmp_path), "--workers", "0",
@@ -112,7 +113,8 @@ def test_reading_guide_names_exist():
 
 def test_ci_installs_and_tests_what_readme_says():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install -r requirements.txt pytest" in README and "pip install -q -r requirements.txt pytest" in ci
+    assert "pip install -r requirements.txt pytest tensorboard" in README
+    assert "pip install -q -r requirements.txt pytest tensorboard" in ci
     assert "python3 -m pytest -q" in README and "python3 -m pytest -q" in ci
 
 
@@ -137,7 +139,7 @@ def test_gpu_check_script_commands_parse():
         words = shlex.split(line, comments=True)
         if "python3" in words and words[words.index("python3") + 1].endswith(".py"):
             i = words.index("python3") + 1
-            parser = {"bench.py": bench.get_args_parser, "train.py": train.get_args_parser}[words[i]]()
+            parser = {"bench.py": bench.get_args_parser, "train.py": recipes.get_args_parser}[words[i]]()
             parser.parse_args(words[i + 1:])
             found += 1
     assert found == 6

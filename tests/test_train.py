@@ -1,32 +1,25 @@
 """Tests of train.py: short runs of train.main on the embedded shapes data (CPU)."""
 import contextlib
 import copy
-import json
 import math
-import os
 
 import pytest
 import torch
 import torchvision
 
-import eval_linear
+import batchnorm
+import checkpoint
 import optim
+import recipes
 import run_setup
 import train
-
-# One shared tiny configuration: 32 images of 32 px, batch 8, small heads and masker.
-TINY = ["--num_images", "32", "--batch_size", "8", "--workers", "0", "--proj_hidden_dim", "32",
-        "--proj_output_dim", "16", "--pred_hidden_dim", "16", "--mask_channels", "8", "--device", "cpu"]
+from helpers import TINY, read_log
 
 
 def run(tmp_path, *flags, name="run"):
     out = tmp_path / name
     log = train.main([*TINY, "--output_dir", str(out), *flags])
     return out, log
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -66,27 +59,14 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, capsys):
     assert log["step"] == 8 and torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
 
 
-def test_each_kind_of_run_gets_its_own_default_folder():
-    # So that `python train.py --dataset cifar10` after the quickstart starts a new run instead of being
-    # refused, and a baseline never resumes the ADIOS run's checkpoint.
-    folder = lambda *flags: train.main([*flags, "--dry_run"])["output_dir"]    # noqa: E731
-    assert folder() == os.path.join("runs", "shapes_simclr_resnet18")
-    assert folder("--dataset", "cifar10", "--method", "byol") == os.path.join("runs", "cifar10_byol_resnet18")
-    assert folder("--num_masks", "0") == os.path.join("runs", "shapes_simclr_resnet18_base")
-    assert folder("--mask_type", "block", "--seed", "1") == os.path.join("runs", "shapes_simclr_resnet18_block_seed1")
-    assert folder("--dataset", "imagenet100", "--img_size", "96", "--single_mask") == \
-        os.path.join("runs", "imagenet100-96px_simclr_resnet18_adios-s")
-    assert folder("--output_dir", "elsewhere") == "elsewhere"
-
-
 def test_mask_blocks_reach_the_masker_and_its_evaluation(tmp_path):
     # --mask_blocks K (four released SimSiam runs use 4 where the size rule gives 5) builds a K-block U-Net,
-    # and eval_linear.py rebuilds the same one from the checkpoint.
+    # and eval_linear.py rebuilds the same one (checkpoint.learned_masker) from the checkpoint.
     out, _ = run(tmp_path, "--mask_blocks", "3", "--max_steps", "1")
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["args"]["mask_blocks"] == 3
     assert {k.split(".")[2] for k in ckpt["model"] if k.startswith("masker.down.")} == {"0", "1", "2"}
-    assert eval_linear.learned_masker(ckpt).num_blocks == 3
+    assert checkpoint.learned_masker(ckpt).num_blocks == 3
 
 
 def test_saved_encoder_loads_into_torchvision(tmp_path):
@@ -97,19 +77,10 @@ def test_saved_encoder_loads_into_torchvision(tmp_path):
     assert result.unexpected_keys == [] and set(result.missing_keys) == {"fc.weight", "fc.bias"}
 
 
-def test_recipe_fills_what_is_not_given():
-    args = train.main(["--dataset", "stl10", "--method", "byol", "--alpha", "0.5", "--dry_run"])
-    assert (args["lr"], args["mask_lr"], args["num_masks"], args["mask_channels"]) == \
-        (0.2920279558260822, 0.09281403683825379, 6, 64)      # the released run's values (test_recipes.py: all 15)
-    assert args["alpha"] == 0.5 and args["optimizer"] == "lars" and args["img_size"] == 96
-    args = train.main(["--dataset", "imagenet100", "--img_size", "224", "--dry_run"])
-    assert args["single_mask"] and args["mask_channels"] == 8
-
-
 def test_adios_step_is_the_encoder_step_then_the_masker_step():
     # Sec. 2: one iteration is the encoder step, then the masker step through the just-updated encoder,
     # on the same views. Written out by hand here from the same float64 weights; the weights after must agree.
-    args = train.resolve_args(train.get_args_parser().parse_args([*TINY, "--optimizer", "sgd"]))
+    args = recipes.resolve_args(recipes.get_args_parser().parse_args([*TINY, "--optimizer", "sgd"]))
     args.img_size = 32
     torch.manual_seed(0)
     model = run_setup.build_model(args, num_classes=4).double()
@@ -122,11 +93,13 @@ def test_adios_step_is_the_encoder_step_then_the_masker_step():
     train.adios_step(model, x_a, x_b, labels, opt_enc, opt_mask, scaler, contextlib.nullcontext)
 
     ref_enc, ref_mask = optim.build_optimizers(reference, args)
-    loss, _ = reference.encoder_loss(x_a, x_b, labels)        # the encoder step ...
+    with batchnorm.as_released(reference, "encoder"):         # BatchNorm's running statistics as train.py's
+        loss, _ = reference.encoder_loss(x_a, x_b, labels)    # the encoder step ...
     ref_enc.zero_grad()
     loss.backward()
     ref_enc.step()
-    loss, _ = reference.masker_loss(x_a, x_b)                 # ... then the masker step
+    with batchnorm.as_released(reference, "masker"):
+        loss, _ = reference.masker_loss(x_a, x_b)             # ... then the masker step
     ref_mask.zero_grad()
     loss.backward()
     ref_mask.step()
@@ -170,7 +143,7 @@ def test_the_optimisers_carry_the_warmup_cosine_rates(tmp_path, monkeypatch):
 def test_channels_last_changes_the_layout_not_the_gradients(method):
     # The CUDA default, checked on CPU in float64: NHWC weights and inputs give both players the same
     # losses and gradients (no reshape in adios.py or masker.py may depend on the memory layout).
-    args = train.resolve_args(train.get_args_parser().parse_args([*TINY, "--method", method]))
+    args = recipes.resolve_args(recipes.get_args_parser().parse_args([*TINY, "--method", method]))
     args.img_size = 32
     g = torch.Generator().manual_seed(0)
     x_a, x_b = torch.randn(2, 8, 3, 32, 32, generator=g, dtype=torch.float64)
@@ -199,31 +172,3 @@ def test_fp16_with_gradient_scaling_and_gpu_augmentation(tmp_path):
     assert log["step"] == 2 and all(map(torch.isfinite, map(torch.tensor, (log["enc_ssl_loss"], log["mask_ssl_loss"]))))
     scaler = torch.load(out / "checkpoint.pth", weights_only=True)["scaler"]
     assert scaler["scale"] > 0                       # the GradScaler's state is saved for resume
-
-
-def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert train.default_workers("cuda") == 16            # one GPU on a 16-core host: every core
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")           # torchrun --nproc_per_node=4
-    assert train.default_workers("cuda") == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
-    assert train.default_workers("cuda") == 1
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert train.default_workers("cpu") == 1              # training on the CPU: the cores compute, one worker loads
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
-    assert train.default_workers(None) == 1               # no --device and no GPU: the CPU
-    assert train.main([*TINY[:4], "--dry_run"])["workers"] == 1    # what --workers means when not given
-
-
-def test_the_demo_defaults_are_the_cpu_demo_only():
-    """shapes without a recipe gets SHAPES_DEFAULTS (N = 2, 10 epochs) in its plain default folder; a flag
-    given wins and names the folder; a dataset with a released recipe never sees them."""
-    demo = train.main(["--dry_run"])
-    assert (demo["num_masks"], demo["epochs"], demo["batch_size"]) == (2, 10, 64)
-    assert demo["output_dir"] == os.path.join("runs", "shapes_simclr_resnet18")
-    given = train.main(["--num_masks", "4", "--epochs", "6", "--dry_run"])
-    assert (given["num_masks"], given["epochs"]) == (4, 6)
-    assert given["output_dir"] == os.path.join("runs", "shapes_simclr_resnet18_num_masks4")   # epochs: running
-    cifar = train.main(["--dataset", "cifar10", "--dry_run"])
-    assert (cifar["num_masks"], cifar["epochs"]) == (train.DEFAULTS["num_masks"], train.DEFAULTS["epochs"])

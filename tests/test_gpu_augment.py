@@ -2,9 +2,12 @@
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 
 import data
 import gpu_augment
+import run_setup
+from helpers import CPU, parsed
 
 torch.set_num_threads(1)
 
@@ -85,3 +88,38 @@ def test_gpu_augment_matches_pil_statistics():
     # Different interpolation and sample noise only: channel statistics agree within ~0.05 (0.15 allowed).
     assert (gpu.mean((0, 2, 3)) - pil.mean((0, 2, 3))).abs().max() < 0.15
     assert (gpu.std((0, 2, 3)) - pil.std((0, 2, 3))).abs().max() < 0.15
+
+
+# ---- wiring 6: --gpu_aug: the crop scale it is given, and torchvision's hue shift --------------------------
+
+def test_gpu_augment_honours_its_crop_scale():
+    # Scale (1, 1): RandomResizedCrop finds no box of area 1 with a ratio ≠ 1 and keeps the whole image,
+    # flipped or not. The loader train.py builds passes the dataset's scale on (shapes: 0.5-1).
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    rand = lambda *shape: torch.rand(*shape, generator=g)                       # noqa: E731
+    whole = gpu_augment.GPUAugment(32, (0.5,) * 3, (0.25,) * 3, crop_scale=(1.0, 1.0))
+    out = whole.crop_and_flip(x, rand)
+    kept = [(out[i] - x[i]).abs().max() < 1e-5 for i in range(16)]
+    flipped = [(out[i] - x[i].flip(-1)).abs().max() < 1e-5 for i in range(16)]
+    assert all(k or f for k, f in zip(kept, flipped)) and any(kept) and any(flipped)
+    small = gpu_augment.GPUAugment(32, (0.5,) * 3, (0.25,) * 3, crop_scale=(0.1, 0.1)).crop_and_flip(x, rand)
+    assert all((small[i] - x[i]).abs().max() > 1e-2 and (small[i] - x[i].flip(-1)).abs().max() > 1e-2
+               for i in range(16))
+    loader = run_setup.build_data(parsed("--gpu_aug"), CPU, 1, True)[0]
+    assert loader.augment.crop_scale == data.DATASETS["shapes"]["crop_scale"] == (0.5, 1.0)
+
+
+def test_gpu_hue_shift_equals_torchvision_adjust_hue():
+    # The jitter's hue step alone (strengths 0 for the rest) with known draws: each image jittered
+    # (draw 0 < 0.8) gets adjust_hue(x, 0.3·(2u − 1)); the one not jittered (draw 0.9) stays as it was.
+    B = 6
+    x = torch.rand(B, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    u = torch.tensor([0.0, 0.1, 0.35, 0.5, 0.8, 1.0])
+    on = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.9])
+    draws = iter([on, torch.rand(B), torch.rand(B), torch.rand(B), u])      # on, brightness, contrast, saturation, hue
+    augment = gpu_augment.GPUAugment(8, (0.5,) * 3, (0.25,) * 3, jitter=(0, 0, 0, 0.3))
+    out = augment.color_jitter(x, lambda *shape: next(draws))
+    for i in range(B - 1):
+        torch.testing.assert_close(out[i], TF.adjust_hue(x[i], 0.3 * (2 * u[i].item() - 1)), rtol=0, atol=2e-6)
+    torch.testing.assert_close(out[B - 1], x[B - 1], rtol=0, atol=2e-6)

@@ -1,8 +1,8 @@
-"""Reliability of train.py: bad input answered in one line before any work (exit 2), and the faults of
-a long run — a save cut short, a non-finite loss, SIGTERM (one process, or one of two torchrun ranks),
-and exact resume. CPU, on test_train's tiny shapes configuration (32 images, batch 8, 4 steps an epoch).
+"""Tests of checkpoint.py and of train.py's faults: resume refused for a checkpoint of another run (or
+announced where only the device differs), exact resume, and the faults of a long run — a save cut short, a
+non-finite loss, SIGTERM (one process, or one of two torchrun ranks). CPU, on test_train's tiny shapes
+configuration (helpers.TINY: 32 images, batch 8, 4 steps an epoch). Bad input: test_cli_checks.py.
 """
-import datetime
 import errno
 import io
 import os
@@ -11,159 +11,22 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
-from PIL import Image
 
 import adios
 import checkpoint
-import run_setup
+import recipes
 import shapes
 import train
-from test_train import TINY, read_log
+from helpers import TINY, assert_identical, bad_input, ckpt, read_log, run, worker_pid
 
 REPO = os.path.dirname(os.path.abspath(train.__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}      # the subprocesses share two busy cores
 
 
-def run(out, *flags):
-    return train.main([*TINY, "--output_dir", str(out), *flags])
-
-
-def ckpt(out, name="checkpoint.pth"):
-    return torch.load(out / name, weights_only=True)
-
-
-def bad_input(capsys, tmp_path, *flags):
-    """train.main on TINY + flags must exit 2 with one line on stderr and no traceback; returns the line."""
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path / "out", *flags)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("train.py: error: "), err
-    return err
-
-
-# ---- bad input: exit 2, one line, before any work ----
-
-@pytest.mark.parametrize("flag, value", [("--dataset", "mnist"), ("--arch", "resnet34"), ("--method", "moco"),
-                                         ("--mask_type", "grid")])
-def test_unknown_choice(capsys, tmp_path, flag, value):
-    err = bad_input(capsys, tmp_path, flag, value)
-    assert value in err and flag.lstrip("-") in err
-
-
-@pytest.mark.parametrize("flags, says", [(["--img_size", "36"], "multiple of 8"),              # the U-Net
-                                         (["--arch", "vit_tiny", "--img_size", "40"], "multiple of 16"),
-                                         (["--img_size", "0"], "--img_size")])
-def test_image_size_the_models_cannot_take(capsys, tmp_path, flags, says):
-    assert says in bad_input(capsys, tmp_path, *flags)
-
-
-@pytest.mark.parametrize("n", ["1", "-2"])
-def test_num_masks_one_or_negative(capsys, tmp_path, n):
-    assert f"--num_masks {n}" in bad_input(capsys, tmp_path, "--num_masks", n)
-
-
-@pytest.mark.parametrize("device, says", [("tpu", "not a device name"), ("mps", "only cpu and cuda"),
-                                          ("cuda:99", "cuda:99")])
-def test_device_this_machine_cannot_open(capsys, tmp_path, device, says):
-    assert says in bad_input(capsys, tmp_path, "--device", device)
-
-
-@pytest.mark.parametrize("script, argv, says", [
-    ("bench", ["--steps", "0"], "--steps 0"),
-    ("bench", ["--num_masks", "0"], "--num_masks"),
-    ("bench", ["--device", "cuda:99"], "cuda:99"),
-    ("bench", ["--arch", "resnet34"], "--arch"),
-    ("eval_linear", ["--random_init"], "--arch"),
-    ("eval_linear", ["--ckpt", "x.pth", "--device", "cuda:99"], "cuda:99"),
-    ("eval_linear", ["--bogus"], "--bogus"),
-    ("eval_linear", ["--random_init", "--arch", "resnet18", "--img_size", "0"], "--img_size 0"),
-    ("eval_linear", ["--random_init", "--arch", "resnet18", "--batch_size", "0"], "--batch_size 0"),
-    ("eval_linear", ["--random_init", "--arch", "resnet18", "--lr", "-1"], "--lr -1")])
-def test_bench_and_eval_answer_bad_input_in_one_line(capsys, script, argv, says):
-    main = __import__(script).main
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith(f"{script}.py: error: ") and says in err, err
-
-
-@pytest.mark.parametrize("flags, says", [
-    (["--workers", "-1"], "--workers -1"), (["--epochs", "0"], "--epochs 0"), (["--num_images", "0"], "--num_images 0"),
-    (["--max_steps", "0"], "--max_steps 0"), (["--proj_hidden_dim", "0"], "--proj_hidden_dim 0"),
-    (["--save_every", "-1"], "--save_every -1"), (["--lr", "0"], "--lr 0.0: must be positive"),
-    (["--mask_lr", "-0.1"], "--mask_lr"), (["--temperature", "0"], "--temperature"), (["--alpha", "-1"], "--alpha"),
-    (["--jitter", "0.4", "0.4", "0.4", "0.8"], "hue's at most 0.5"), (["--mask_channels", "0"], "at least 1"),
-    (["--alpha_entropy", "-0.5"], "--alpha_entropy -0.5"), (["--mask_blocks", "1"], "at least 2 blocks"),
-    (["--mask_blocks", "7"], "multiple of 64"), (["--epochs", "2", "--encoder_early_end", "2"], "--encoder_early_end 2")])
-def test_counts_and_rates_out_of_range(capsys, tmp_path, flags, says):
-    assert says in bad_input(capsys, tmp_path, *flags)
-
-
-def test_batch_too_small_for_a_process(capsys, tmp_path):
-    # --batch_size is per process; BatchNorm and the contrastive loss need two images on each one.
-    assert "at least 2 images per process" in bad_input(capsys, tmp_path, "--batch_size", "1")
-
-
-def test_batch_larger_than_the_dataset(capsys, tmp_path):
-    assert "exceeds the 32 training images" in bad_input(capsys, tmp_path, "--batch_size", "40")
-
-
-def tiny_image_folder(root, splits=("train", "val")):
-    for split in splits:
-        for c, colour in (("cat", "red"), ("dog", "blue")):
-            os.makedirs(root / split / c)
-            for i in range(2):
-                Image.new("RGB", (8, 8), colour).save(root / split / c / f"{i}.png")
-    return root
-
-
-@pytest.mark.parametrize("layout, says", [("missing", "does not exist"), ("empty", "has no train/ folder"),
-                                          ("no_val", "has no val/ folder")])
-def test_image_folder_missing_empty_or_incomplete(capsys, tmp_path, layout, says):
-    root = tmp_path / layout
-    if layout == "empty":
-        root.mkdir()
-    elif layout == "no_val":
-        tiny_image_folder(root, splits=("train",))
-    err = bad_input(capsys, tmp_path, "--dataset", "imagefolder", "--img_size", "32", "--data_dir", str(root))
-    assert says in err and str(root) in err
-
-
-@pytest.mark.parametrize("name, content", [("broken.jpg", b"these are not JPEG bytes"),
-                                           ("cut.png", "half of a PNG")])
-def test_corrupt_image_is_named(capsys, tmp_path, name, content):
-    root = tiny_image_folder(tmp_path / "images")
-    path = root / "train" / "dog" / name
-    if content == "half of a PNG":
-        buf = io.BytesIO()
-        Image.new("RGB", (64, 64), "green").save(buf, format="PNG")
-        content = buf.getvalue()[:len(buf.getvalue()) // 2]
-    path.write_bytes(content)
-    err = bad_input(capsys, tmp_path, "--dataset", "imagefolder", "--img_size", "32", "--data_dir", str(root))
-    assert str(path) in err
-
-
-def test_stl10_absent_without_download(capsys, tmp_path):
-    (tmp_path / "empty").mkdir()
-    err = bad_input(capsys, tmp_path, "--dataset", "stl10", "--data_dir", str(tmp_path / "empty"))
-    assert "--download" in err and "by hand" in err and str(tmp_path / "empty" / "stl10_binary") in err
-
-
-def test_download_that_fails_offline(capsys, tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)          # never touch the network
-    err = bad_input(capsys, tmp_path, "--dataset", "cifar10", "--download", "--data_dir", str(tmp_path / "d"))
-    assert "download" in err and "failed" in err and "URLError" in err
-    assert "by hand" in err and str(tmp_path / "d" / "cifar-10-batches-py") in err
-
+# ---- resume: the same run, or a refusal in one line ----
 
 @pytest.fixture(scope="module")
 def one_step_run(tmp_path_factory):
@@ -194,7 +57,7 @@ def copy_of(run_dir, tmp_path, **changed_args):
 
 def test_every_flag_is_either_shaping_or_running():
     # A new flag must be put in one list: else a resume would silently ignore it, or refuse for nothing.
-    flags = {a.dest for a in train.get_args_parser()._actions if a.dest != "help"}
+    flags = {a.dest for a in recipes.get_args_parser()._actions if a.dest != "help"}
     lists = [set(checkpoint.SHAPING), set(checkpoint.RUNNING), set(checkpoint.DEVICE)]
     assert flags | {"data_version"} == set.union(*lists) and sum(map(len, lists)) == len(set.union(*lists))
     assert {"max_steps", "save_every", "resume", "dry_run", "data_dir", "download", "workers", "device",
@@ -204,10 +67,10 @@ def test_every_flag_is_either_shaping_or_running():
 def test_changed_shaping_flags_are_refused_listing_each(capsys, one_step_run):
     # The ablation that used to report the first run: same folder, other α and rate.
     with pytest.raises(SystemExit) as e:
-        run(one_step_run, "--alpha", "0.5", "--lr", "1.0", "--jitter", "0", "0", "0", "0")
+        run(one_step_run, "--alpha", "0.7", "--lr", "1.0", "--jitter", "0", "0", "0", "0")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    for said in ("--alpha 1.0 (this run: 0.5)", "--lr 0.3 (this run: 1.0)",
+    for said in ("--alpha 0.5 (this run: 0.7)", "--lr 0.3 (this run: 1.0)",
                  "--jitter 0.4 0.4 0.4 0.1 (this run: 0.0 0.0 0.0 0.0)", "checkpoint's values", "another --output_dir"):
         assert said in err, err
 
@@ -262,43 +125,6 @@ def test_resume_on_another_number_of_processes(capsys, one_step_run, tmp_path):
     assert "global batch 16" in bad_input(capsys, tmp_path)
 
 
-def test_collective_timeout_reaches_the_process_group(monkeypatch):
-    # A machine switched off closes no connection: its peers wait this long in a collective, then end.
-    seen = {}
-    monkeypatch.setattr(run_setup.dist, "init_process_group", lambda backend, timeout=None: seen.update(t=timeout))
-    for key, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
-        monkeypatch.setenv(key, value)
-    args = train.parse_args(["--collective_timeout", "0.5", "--device", "cpu"])
-    assert run_setup.setup_distributed(args.device, args.collective_timeout)[:2] == (0, 2)
-    assert seen["t"] == datetime.timedelta(seconds=30)
-
-
-def folder(*flags):
-    return train.main([*flags, "--dry_run"])["output_dir"]
-
-
-def test_default_folder_tells_configurations_apart():
-    assert folder() == os.path.join("runs", "shapes_simclr_resnet18")
-    assert folder("--alpha", "0.5") == os.path.join("runs", "shapes_simclr_resnet18_alpha0.5")
-    assert folder("--alpha", "0.5", "--lr", "1.0") == os.path.join("runs", "shapes_simclr_resnet18_alpha0.5_lr1.0")
-    assert folder("--alpha", "1.0", "--batch_size", "64") == folder()               # the recipe's own values
-    assert folder("--dataset", "stl10", "--batch_size", "128") == os.path.join("runs", "stl10_simclr_resnet18_batch128")
-    many = folder("--alpha", "0.5", "--lr", "1.0", "--mask_lr", "0.1", "--temperature", "0.3", "--weight_decay", "0")
-    assert many.startswith(os.path.join("runs", "shapes_simclr_resnet18_flags-")) and len(many) < 50
-    assert many != folder("--alpha", "0.5", "--lr", "1.0", "--mask_lr", "0.1", "--temperature", "0.3")
-
-
-def test_the_recipe_batch_is_the_global_batch(capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "4")            # torchrun's, read before any process group exists
-    assert train.parse_args(["--dataset", "stl10"]).batch_size == 64                 # 256 / 4
-    assert train.parse_args(["--dataset", "stl10", "--batch_size", "32"]).batch_size == 32    # given: per process
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--dataset", "stl10"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "global batch 256 does not divide among 3" in err
-
-
 def test_resume_from_an_unreadable_checkpoint(capsys, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "checkpoint.pth").write_bytes(b"PK\x03\x04 half a zip")
@@ -309,11 +135,6 @@ def test_rerunning_the_same_command_resumes(tmp_path):
     """No --resume needed: an existing checkpoint is continued, never overwritten by a fresh start."""
     run(tmp_path / "out", "--max_steps", "1")
     assert run(tmp_path / "out", "--max_steps", "2")["step"] == 2
-
-
-def test_output_dir_that_cannot_be_written(capsys, tmp_path):
-    (tmp_path / "a_file").write_text("")              # a directory below a file: fails even for root
-    assert "cannot be written" in bad_input(capsys, tmp_path, "--output_dir", str(tmp_path / "a_file" / "run"))
 
 
 # ---- faults during training ----
@@ -387,22 +208,6 @@ def test_non_finite_weights_are_not_saved(capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert e.value.code == 1 and "non-finite weights in" in err and "conv1.weight" in err, err
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
-
-
-def assert_identical(a, b, where="checkpoint"):
-    """Bit-for-bit equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_resume_at_an_epoch_boundary_is_bit_identical(tmp_path, capsys):
@@ -483,21 +288,6 @@ def test_sigterm_saves_and_resume_completes(tmp_path, launch):
     assert (ckpt(out)["epoch"], ckpt(out)["step"]) == (4, 16) and read_log(out)[-1]["epoch"] == 3
 
 
-def worker_pid(parent, rank):
-    """The pid of the child of `parent` (torchrun) whose environment holds RANK=rank, found through /proc."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])     # the name in (...) may hold spaces
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:                                                  # exited meanwhile
-            continue
-        if ppid == parent and f"RANK={rank}".encode() in env:
-            return int(pid)
-    raise AssertionError(f"no worker with RANK={rank} under pid {parent}")
-
-
 def test_sigterm_to_one_torchrun_rank_leaves_a_loadable_checkpoint(tmp_path, launch):
     # --max_restarts restarts workers that fail; these save and exit 0, so torchrun ends with success and
     # nothing restarts them (README "Stopping and resuming"): the same command, rerun, continues.
@@ -542,5 +332,7 @@ def test_a_failed_save_on_rank_0_ends_every_rank_in_seconds(tmp_path, launch):
     assert rc != 0 and time.time() - failed_at < 10
     ours = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
     assert "No space left on device" in ours[0] and "previous checkpoint is intact" in ours[0], stderr[-3000:]
-    assert all("lost" in line for line in ours[1:]) and "Traceback" not in stderr.split("torch/distributed/elastic")[0], stderr
+    survivors = [line for line in ours[1:] if "rank 1 lost" in line]
+    assert len(ours) == 2 and len(survivors) == 1, stderr[-3000:]      # the survivor: exactly one line
+    assert "Traceback" not in stderr.split("torch/distributed/elastic")[0], stderr
     assert not (out / "checkpoint.pth").exists()

@@ -1,7 +1,9 @@
 """Wiring: the places where a one-line slip (a dropped argument, a constant for a variable, a missing
 `.detach()`) would leave every other test passing while the method quietly changes. Each test names the
 behaviour it guards; all run on CPU in seconds, on tiny models (float64 where values are compared), and
-the two train.py runs share one module-scoped fixture.
+the two train.py runs share one module-scoped fixture. The wirings inside one module live with that
+module's tests: 5 (the probe's standardisation) in test_eval_linear.py, 6 (--gpu_aug) in
+test_gpu_augment.py, 8, 9 and 11 (learning rates, weight decay, LARS) in test_optim.py.
 """
 import contextlib
 import copy
@@ -10,52 +12,15 @@ import types
 import pytest
 import torch
 import torch.nn as nn
-import torchvision.transforms.functional as TF
 
 import adios
-import data
-import eval_linear
-import gpu_augment
 import monitor
 import optim
 import run_setup
 import train
-from adios import ADIOS, byol_tau, simclr_loss
-from eval_linear import Standardize, cached_linear_probe
-from masker import Masker
-from test_train import TINY
-
-CPU = torch.device("cpu")
-
-
-def tiny_encoder(feat_dim=16):
-    """A small conv net with BatchNorm (per-slot statistics and running buffers matter here)."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, feat_dim, 3, stride=2, padding=1), nn.BatchNorm2d(feat_dim), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
-def tiny_adios(method="simclr", num_masks=3, img=16, **kw):
-    """ADIOS in float64 on 16-px images: encoder 16 features, heads 32 → 8, masker base width 8."""
-    torch.manual_seed(0)
-    masker = Masker(num_masks, img, base_channels=8) if num_masks else None
-    return ADIOS(tiny_encoder(), 16, masker, method=method, proj_hidden_dim=32, proj_output_dim=8,
-                 pred_hidden_dim=12, **kw).double()
-
-
-def views(B=6, img=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, B, 3, img, img, generator=g, dtype=torch.float64).unbind(0)
-
-
-def parsed(*flags):
-    """train.py's resolved arguments for TINY + flags (nothing built, nothing run)."""
-    return train.parse_args([*TINY, *flags])
-
-
-def groups_of(opt):
-    """{id(parameter): its param group} over an optimiser."""
-    return {id(p): g for g in opt.param_groups for p in g["params"]}
+from adios import ADIOS
+from helpers import CPU, TINY, opt_args, parsed, tiny_adios, views
+from losses import byol_tau, simclr_loss
 
 
 # ---- 1. SimCLR's temperature reaches the loss --------------------------------------------------------
@@ -168,62 +133,6 @@ def test_every_epoch_shows_new_views_reproducibly():
     assert_same_batches(epoch_views(run_setup.build_data(args, CPU, 1, True)[0], 1), second)
 
 
-# ---- 5. the fast probe standardises with the train split's statistics only ---------------------------
-
-def test_probe_standardisation_is_fitted_on_train_and_applied_unchanged():
-    g = torch.Generator().manual_seed(0)
-    train_feats = torch.randn(200, 6, generator=g) * torch.arange(1.0, 7.0) + 3            # (n, D)
-    train_labels = torch.randint(3, (200,), generator=g)
-    test_feats = torch.randn(40, 6, generator=g) * 5 - 2                  # other statistics than train's
-    head = cached_linear_probe(train_feats, train_labels, 3, 1, 0.1, 64, torch.Generator().manual_seed(0))
-    standardize = head[0]
-    assert isinstance(standardize, Standardize)
-    torch.testing.assert_close(standardize.mean, train_feats.mean(0))             # the train split's
-    reference = Standardize(train_feats)
-    torch.testing.assert_close(standardize.matrix, reference.matrix)
-    with torch.no_grad():
-        whole = standardize(test_feats)
-        torch.testing.assert_close(whole[:5], standardize(test_feats[:5]), rtol=0, atol=1e-5)
-        torch.testing.assert_close(whole[7:8], standardize(test_feats[7:8]), rtol=0, atol=1e-5)
-        torch.testing.assert_close(whole, (test_feats - train_feats.mean(0)) @ reference.matrix)
-        torch.testing.assert_close(head(test_feats[:5]), head(test_feats)[:5], rtol=0, atol=1e-5)
-
-
-# ---- 6. --gpu_aug: the crop scale it is given, and torchvision's hue shift ---------------------------
-
-def test_gpu_augment_honours_its_crop_scale():
-    # Scale (1, 1): RandomResizedCrop finds no box of area 1 with a ratio ≠ 1 and keeps the whole image,
-    # flipped or not. The loader train.py builds passes the dataset's scale on (shapes: 0.5-1).
-    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(1)
-    rand = lambda *shape: torch.rand(*shape, generator=g)                       # noqa: E731
-    whole = gpu_augment.GPUAugment(32, (0.5,) * 3, (0.25,) * 3, crop_scale=(1.0, 1.0))
-    out = whole.crop_and_flip(x, rand)
-    kept = [(out[i] - x[i]).abs().max() < 1e-5 for i in range(16)]
-    flipped = [(out[i] - x[i].flip(-1)).abs().max() < 1e-5 for i in range(16)]
-    assert all(k or f for k, f in zip(kept, flipped)) and any(kept) and any(flipped)
-    small = gpu_augment.GPUAugment(32, (0.5,) * 3, (0.25,) * 3, crop_scale=(0.1, 0.1)).crop_and_flip(x, rand)
-    assert all((small[i] - x[i]).abs().max() > 1e-2 and (small[i] - x[i].flip(-1)).abs().max() > 1e-2
-               for i in range(16))
-    loader = run_setup.build_data(parsed("--gpu_aug"), CPU, 1, True)[0]
-    assert loader.augment.crop_scale == data.DATASETS["shapes"]["crop_scale"] == (0.5, 1.0)
-
-
-def test_gpu_hue_shift_equals_torchvision_adjust_hue():
-    # The jitter's hue step alone (strengths 0 for the rest) with known draws: each image jittered
-    # (draw 0 < 0.8) gets adjust_hue(x, 0.3·(2u − 1)); the one not jittered (draw 0.9) stays as it was.
-    B = 6
-    x = torch.rand(B, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    u = torch.tensor([0.0, 0.1, 0.35, 0.5, 0.8, 1.0])
-    on = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.9])
-    draws = iter([on, torch.rand(B), torch.rand(B), torch.rand(B), u])      # on, brightness, contrast, saturation, hue
-    augment = gpu_augment.GPUAugment(8, (0.5,) * 3, (0.25,) * 3, jitter=(0, 0, 0, 0.3))
-    out = augment.color_jitter(x, lambda *shape: next(draws))
-    for i in range(B - 1):
-        torch.testing.assert_close(out[i], TF.adjust_hue(x[i], 0.3 * (2 * u[i].item() - 1)), rtol=0, atol=2e-6)
-    torch.testing.assert_close(out[B - 1], x[B - 1], rtol=0, atol=2e-6)
-
-
 # ---- 7. the online probe never trains the encoder ----------------------------------------------------
 
 def test_online_probe_leaves_the_encoders_gradients_alone():
@@ -237,68 +146,6 @@ def test_online_probe_leaves_the_encoders_gradients_alone():
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-14, msg=name)
     for p, q in zip(model.net.projector.parameters(), without.net.projector.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-14)
-
-
-# ---- 8. SimSiam's predictor keeps its rate -----------------------------------------------------------
-
-def opt_args(method, **kw):
-    """The arguments optim.build_optimizers reads (as train.py resolves them)."""
-    return types.SimpleNamespace(**{**dict(method=method, lr=0.4, mask_lr=0.05, weight_decay=1e-4,
-                                           classifier_lr=0.1, optimizer="lars", mask_type="adios"), **kw})
-
-
-@pytest.mark.parametrize("method", ["simsiam", "byol"])
-def test_simsiam_predictor_keeps_its_rate_from_step_0(method):
-    # Ours: SimSiam's predictor at the base rate at every step, step 0 included (the released runs had it
-    # at the warmup's start rate for their first epoch); everything else on warmup-cosine from its own
-    # base rate, BYOL's predictor too.
-    model = tiny_adios(method, num_classes=4)
-    args = opt_args(method)
-    opt_enc, _ = optim.build_optimizers(model, args)
-    predictor = {id(p) for p in model.predictor.parameters()}
-    warmup, total = 10, 50
-    for step in (0, 3, 10, 30, 50):
-        optim.set_learning_rates(opt_enc, step, warmup, total)
-        for group in opt_enc.param_groups:
-            on_predictor = {id(p) for p in group["params"]} <= predictor
-            scheduled = optim.learning_rate(step, group["base_lr"], warmup, total)
-            assert group["lr"] == (args.lr if on_predictor and method == "simsiam" else scheduled), (step, group)
-    optim.set_learning_rates(opt_enc, 0, warmup, total)
-    rates = {g["lr"] for g in opt_enc.param_groups}
-    assert (args.lr in rates) == (method == "simsiam") and 0.003 in rates
-
-
-# ---- 9. weight decay: which groups carry it, and that it is applied ----------------------------------
-
-def test_weight_decay_reaches_the_weights_and_only_them():
-    # As the released runs: both players' optimisers decay their weights (dim ≥ 2) by --weight_decay,
-    # never biases or norm parameters (dim 1, which also skip LARS), and the online probe not at all.
-    model = tiny_adios("simsiam", num_classes=4)
-    args = opt_args("simsiam", optimizer="lars", weight_decay=1e-2)
-    opt_enc, opt_mask = optim.build_optimizers(model, args)
-    groups = {**groups_of(opt_enc), **groups_of(opt_mask)}
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert len(groups) == len(trained) == sum(len(g["params"]) for o in (opt_enc, opt_mask) for g in o.param_groups)
-    probe = {id(p) for p in model.classifier.parameters()}
-    expected = {}
-    for name, p in trained:
-        decays = p.ndim > 1 and id(p) not in probe
-        expected[name] = decays
-        g = groups[id(p)]
-        assert g["weight_decay"] == (args.weight_decay if decays else 0.0), name
-        assert g["lars"] == (p.ndim > 1), name
-    assert any(n.startswith("masker.") and d for n, d in expected.items())          # the masker's too
-    assert any(n.startswith("masker.") and not d for n, d in expected.items())      # its GroupNorms not
-    # Applied: with zero gradients one LARS step moves exactly the decayed tensors, by lr·wd·w.
-    before = {n: p.detach().clone() for n, p in trained}
-    for _, p in trained:
-        p.grad = torch.zeros_like(p)
-    opt_enc.step()
-    opt_mask.step()
-    for name, p in trained:
-        lr = groups[id(p)]["lr"]
-        torch.testing.assert_close(p.detach(), before[name] * (1 - lr * args.weight_decay * expected[name]),
-                                   rtol=0, atol=1e-15, msg=name)
 
 
 # ---- 10. a step's random draws differ between ranks --------------------------------------------------
@@ -328,24 +175,6 @@ def test_each_rank_draws_its_own_step_randomness(monkeypatch):
         if rank == 0 and len(draws[0]) == 6:
             assert all(torch.equal(a, b) for a, b in zip(draws[0][:3], draws[0][3:]))
     assert all(not torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
-
-
-# ---- 11. LARS clips at a base rate other than 1 ------------------------------------------------------
-
-def test_lars_clips_the_local_rate_at_any_base_rate():
-    # local rate = η‖w‖ / (‖g‖ + wd‖w‖), never above the base rate lr:
-    # the step is min(local, lr)·(g + wd·w).
-    lr, wd, eta = 0.1, 0.01, 0.02
-    g = torch.Generator().manual_seed(0)
-    for scale in (1e-4, 1.0):                                  # local rate ≫ lr (clipped to lr); ≪ lr (kept)
-        w = nn.Parameter(torch.randn(4, 5, generator=g, dtype=torch.float64))
-        opt = optim.LARS([dict(params=[w], lr=lr, weight_decay=wd)], lr=lr, momentum=0.0, eta=eta)
-        w.grad = scale * torch.randn(4, 5, generator=g, dtype=torch.float64)
-        w0 = w.detach().clone()
-        local = eta * w0.norm() / (w.grad.norm() + wd * w0.norm())
-        assert (local > 2 * lr) if scale < 1 else (local < lr / 2)
-        opt.step()
-        torch.testing.assert_close(w.detach(), w0 - min(local, lr) * (w.grad + wd * w0), rtol=0, atol=1e-14)
 
 
 # ---- the difference from the released runs that we follow: ADIOS-s SimSiam hides one slot index ------
@@ -438,30 +267,3 @@ def test_precision_flag_sets_the_autocast_dtype(precision, dtype):
     with amp():
         assert (a @ a).dtype == dtype
     assert args.channels_last is False
-
-
-def test_linear_probe_and_knn_are_scored_on_the_test_split(monkeypatch, tmp_path):
-    # eval_linear.main: the probe trains on (and kNN searches) the train split's features and both are
-    # scored on the test split's: a swap would report accuracy on training images without a word.
-    source, scored = {}, []
-    real_extract, real_accuracies = eval_linear.extract_features, eval_linear.accuracies
-
-    def extract(encoder, dataset, *args, **kwargs):
-        feats, labels = real_extract(encoder, dataset, *args, **kwargs)
-        source[id(feats)] = dataset.split                         # shapes: "train" or "test"
-        return feats, labels
-
-    def accuracies(head, bank, feats, *args, **kwargs):
-        scored.append((source[id(feats)], source[id(bank[0])]))
-        return real_accuracies(head, bank, feats, *args, **kwargs)
-
-    monkeypatch.setattr(eval_linear, "extract_features", extract)
-    monkeypatch.setattr(eval_linear, "accuracies", accuracies)
-    trained = []
-    real_probe = eval_linear.cached_linear_probe
-    monkeypatch.setattr(eval_linear, "cached_linear_probe",
-                        lambda feats, *a, **k: trained.append(source[id(feats)]) or real_probe(feats, *a, **k))
-    eval_linear.main(["--random_init", "--arch", "resnet18", "--img_size", "32", "--stem", "standard", "--dataset",
-                      "shapes", "--num_images", "32", "--epochs", "1", "--knn", "--workers", "0", "--device", "cpu",
-                      "--output", str(tmp_path / "eval.json")])
-    assert trained == ["train"] and scored == [("test", "train")]

@@ -1,8 +1,7 @@
-"""Tests of eval_linear.py (linear probe, kNN, mask quality) and the mask-scheme baselines of masker.py.
+"""Tests of eval_linear.py: the linear probe, kNN, the test splits it scores on, and --precise_bn.
 
 CPU only, no network: the data is the synthetic shapes set, the checkpoints are built here.
 """
-import itertools
 import json
 import math
 
@@ -14,8 +13,8 @@ from PIL import Image
 import eval_linear
 from adios import ADIOS
 from encoders import build_encoder
-from eval_linear import adjusted_rand_index, knn_top1, mask_quality
-from masker import BlockMasker, Masker, RandomPatchMasker
+from eval_linear import Standardize, cached_linear_probe, knn_top1
+from masker import Masker
 from optim import LARS
 
 TINY = ["--dataset", "shapes", "--num_images", "256", "--epochs", "3", "--workers", "0",
@@ -284,95 +283,65 @@ def test_knn_votes_are_weighted_by_similarity():
     assert knn_top1(bank, labels, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), num_classes=2, k=5) == 100.0
 
 
-# ---- adjusted Rand index and mask quality ------------------------------------------------------
+# ---- the fast probe standardises with the train split's statistics only ---------------------------
 
-def naive_ari(pred, true):
-    """ARI of one image by counting every pixel pair (the definition, no contingency table)."""
-    pairs = list(itertools.combinations(range(len(pred)), 2))
-    both = sum(pred[i] == pred[j] and true[i] == true[j] for i, j in pairs)
-    same_p = sum(pred[i] == pred[j] for i, j in pairs)
-    same_t = sum(true[i] == true[j] for i, j in pairs)
-    expected = same_p * same_t / len(pairs)
-    return (both - expected) / ((same_p + same_t) / 2 - expected)
-
-
-def test_ari_matches_pair_counting():
+def test_probe_standardisation_is_fitted_on_train_and_applied_unchanged():
     g = torch.Generator().manual_seed(0)
-    pred, true = torch.randint(0, 3, (3, 7, 7), generator=g), torch.randint(0, 4, (3, 7, 7), generator=g)
-    true[0, :4] = 0                                           # some structure, so ARI is not ~0
-    pred[0, :4] = 2
-    reference = sum(naive_ari(p.flatten().tolist(), t.flatten().tolist()) for p, t in zip(pred, true)) / 3
-    assert adjusted_rand_index(pred, true) == pytest.approx(reference, abs=1e-9)
+    train_feats = torch.randn(200, 6, generator=g) * torch.arange(1.0, 7.0) + 3            # (n, D)
+    train_labels = torch.randint(3, (200,), generator=g)
+    test_feats = torch.randn(40, 6, generator=g) * 5 - 2                  # other statistics than train's
+    head = cached_linear_probe(train_feats, train_labels, 3, 1, 0.1, 64, torch.Generator().manual_seed(0))
+    standardize = head[0]
+    assert isinstance(standardize, Standardize)
+    torch.testing.assert_close(standardize.mean, train_feats.mean(0))             # the train split's
+    reference = Standardize(train_feats)
+    torch.testing.assert_close(standardize.matrix, reference.matrix)
+    with torch.no_grad():
+        whole = standardize(test_feats)
+        torch.testing.assert_close(whole[:5], standardize(test_feats[:5]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(whole[7:8], standardize(test_feats[7:8]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(whole, (test_feats - train_feats.mean(0)) @ reference.matrix)
+        torch.testing.assert_close(head(test_feats[:5]), head(test_feats)[:5], rtol=0, atol=1e-5)
 
 
-def test_ari_perfect_relabelled_random_and_degenerate():
-    g = torch.Generator().manual_seed(0)
-    true = torch.randint(0, 4, (4, 8, 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)  # (4, 64, 64)
-    assert adjusted_rand_index(true, true) == pytest.approx(1.0)
-    relabelled = torch.tensor([7, 2, 9, 0])[true]            # the slots in another order, other values
-    assert adjusted_rand_index(relabelled, true) == pytest.approx(1.0)
-    random = torch.randint(0, 5, true.shape, generator=g)
-    assert abs(adjusted_rand_index(random, true)) < 0.05
-    one = torch.zeros(2, 16, 16, dtype=torch.long)            # one cluster in both: identical maps
-    assert adjusted_rand_index(one, one + 3) == 1.0
-    assert adjusted_rand_index(random[:2, :16, :16], one) == pytest.approx(0.0)   # one vs many: no agreement
+# ---- the probe trains on the train split and is scored on the test split ----------------------------
+
+def test_linear_probe_and_knn_are_scored_on_the_test_split(monkeypatch, tmp_path):
+    # eval_linear.main: the probe trains on (and kNN searches) the train split's features and both are
+    # scored on the test split's: a swap would report accuracy on training images without a word.
+    source, scored = {}, []
+    real_extract, real_accuracies = eval_linear.extract_features, eval_linear.accuracies
+
+    def extract(encoder, dataset, *args, **kwargs):
+        feats, labels = real_extract(encoder, dataset, *args, **kwargs)
+        source[id(feats)] = dataset.split                         # shapes: "train" or "test"
+        return feats, labels
+
+    def accuracies(head, bank, feats, *args, **kwargs):
+        scored.append((source[id(feats)], source[id(bank[0])]))
+        return real_accuracies(head, bank, feats, *args, **kwargs)
+
+    monkeypatch.setattr(eval_linear, "extract_features", extract)
+    monkeypatch.setattr(eval_linear, "accuracies", accuracies)
+    trained = []
+    real_probe = eval_linear.cached_linear_probe
+    monkeypatch.setattr(eval_linear, "cached_linear_probe",
+                        lambda feats, *a, **k: trained.append(source[id(feats)]) or real_probe(feats, *a, **k))
+    eval_linear.main(["--random_init", "--arch", "resnet18", "--img_size", "32", "--stem", "standard", "--dataset",
+                      "shapes", "--num_images", "32", "--epochs", "1", "--knn", "--workers", "0", "--device", "cpu",
+                      "--output", str(tmp_path / "eval.json")])
+    assert trained == ["train"] and scored == [("test", "train")]
 
 
-def test_foreground_ari_ignores_background():
-    true = torch.zeros(1, 8, 8, dtype=torch.long)
-    true[0, :4, :4], true[0, 4:, 4:] = 1, 2
-    pred = true.clone()
-    pred[0, :4, 4:] = 1                                       # background wrongly merged with object 1
-    assert adjusted_rand_index(pred, true) < 1
-    assert adjusted_rand_index(pred, true, ignore=0) == pytest.approx(1.0)
+# ---- eval_linear.py --precise_bn ---------------------------------------------------------------------
 
-
-def test_mask_quality_perfect_and_one_slot():
-    g = torch.Generator().manual_seed(1)
-    objects = torch.randint(0, 3, (2, 4, 4), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
-    perfect = torch.nn.functional.one_hot(objects, 4).permute(0, 3, 1, 2).float()   # (2, 4, 16, 16)
-    q = mask_quality(perfect * 0.9 + 0.025, objects)          # soft, but the argmax is exact
-    assert q == pytest.approx(dict(ari=1.0, ari_fg=1.0, miou=1.0))
-    everything = torch.zeros(2, 4, 16, 16)
-    everything[:, 1] = 1                                      # one slot covers the whole image
-    areas = [(objects[b] == k).float().mean().item() for b in range(2) for k in (1, 2) if (objects[b] == k).any()]
-    assert mask_quality(everything, objects)["miou"] == pytest.approx(sum(areas) / len(areas))
-
-
-# ---- mask-scheme baselines ---------------------------------------------------------------------
-
-def test_random_patch_masker_hides_exactly_75_percent():
-    m = RandomPatchMasker(32)
-    assert m.patch == 2 and m.num_masks == 1 and not list(m.parameters())
-    x = torch.randn(16, 3, 32, 32, requires_grad=True)
-    hide = m(x)
-    assert hide.shape == (16, 1, 32, 32) and hide.dtype == x.dtype and not hide.requires_grad
-    assert set(hide.unique().tolist()) == {0.0, 1.0}
-    assert torch.equal(hide.mean(dim=(1, 2, 3)), torch.full((16,), 0.75))   # 192 of 256 cells, each image
-    assert not torch.equal(hide[0], hide[1])                 # each image its own cells
-    big = RandomPatchMasker(96)                               # 7-px patches, 14 × 14 cells, last ones cropped
-    cells = big(torch.zeros(4, 3, 96, 96))[:, 0, ::7, ::7]    # (4, 14, 14): one pixel per cell
-    assert big.patch == 7 and cells.shape == (4, 14, 14)
-    assert cells.sum(dim=(1, 2)).tolist() == [147.0] * 4      # round(0.75 · 196)
-
-
-def test_block_masker_hides_about_30_percent():
-    m = BlockMasker(32)
-    assert m.num_masks == 1 and m.min_area == 4 and not list(m.parameters())
-    hide = m(torch.randn(256, 3, 32, 32))
-    assert hide.shape == (256, 1, 32, 32) and set(hide.unique().tolist()) == {0.0, 1.0}
-    area = hide.mean(dim=(1, 2, 3))                           # (256,)
-    assert (area >= 0.3).all() and area.mean() <= 0.45
-    assert not torch.equal(hide[0], hide[1])
-    assert BlockMasker(96)(torch.zeros(8, 3, 96, 96)).mean(dim=(1, 2, 3)).min() >= 0.3
-
-
-@pytest.mark.parametrize("baseline", [RandomPatchMasker(32), BlockMasker(32)])
-def test_baselines_fill_the_masker_slot(baseline):
-    torch.manual_seed(0)
-    encoder, feat_dim = build_encoder("resnet18", 32, stem="standard")
-    model = ADIOS(encoder, feat_dim, masker=baseline, proj_hidden_dim=32, proj_output_dim=16)
-    x_a, x_b = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    loss, stats = model.encoder_loss(x_a, x_b)
-    loss.backward()
-    assert torch.isfinite(loss) and stats["area_0"] >= 0.3
+def test_eval_linear_precise_bn_flag(tmp_path, capsys):
+    run = ["--random_init", "--arch", "resnet18", "--img_size", "32", "--stem", "standard", "--dataset", "shapes",
+           "--num_images", "64", "--epochs", "1", "--workers", "0", "--device", "cpu", "--batch_size", "16",
+           "--mask_images", "0", "--output_dir", str(tmp_path)]
+    assert eval_linear.get_args_parser().parse_args(run).precise_bn == 0            # off by default
+    results = eval_linear.main([*run, "--precise_bn", "2"])
+    assert results["precise_bn"] == 2 and "over 32 clean training images" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        eval_linear.main([*run, "--precise_bn", "-1"])
+    assert exit_.value.code == 2 and "--precise_bn -1" in capsys.readouterr().err
