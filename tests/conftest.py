@@ -4,7 +4,18 @@
 import os
 import sys
 
+import pytest
+import torch
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 for folder in (TESTS, os.path.dirname(TESTS)):
     if folder not in sys.path:
         sys.path.insert(0, folder)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A test may change torch's thread count (bench.main sets it): the next test gets the usual one back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

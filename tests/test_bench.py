@@ -14,14 +14,6 @@ from helpers import BENCH_TINY as TINY
 from losses import byol_loss
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """bench.main sets torch's thread count; give the other test files theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_main_times_both_schedules(capsys):
     result = bench.main([*TINY, "--steps", "1", "--repeats", "1", "--warmup", "1"])
     assert result["ours_ms"] > 0 and result["released_ms"] > 0 and result["speedup"] > 0

@@ -2,19 +2,8 @@
 collectives of one iteration counted, ours against the released schedule's."""
 import json
 
-import pytest
-import torch
-
 import bench
 from helpers import BENCH_TINY as TINY
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """bench.main sets torch's thread count; give the other test files theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_world_times_synchronised_processes_and_counts_their_collectives(capsys):
